@@ -1,0 +1,203 @@
+"""gpt-oss layers: RMSNorm, YaRN RoPE, attention with sinks, and the MXFP4 mixture of experts.
+
+Shape suffixes name the axes: B batch, T query tokens, S key tokens, D model, N q heads, K kv heads,
+G q heads per kv head, H head dim, E experts, F expert ffn, M routed rows, V vocab.
+The functions are pure jnp (the XLA path); the Pallas kernels plug in where `kernels="pallas"`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import mxfp4
+from .config import GptOssConfig
+
+KERNELS = ("xla", "pallas")
+
+
+class PackedParam(nnx.Variable):
+    """MXFP4 expert weights (uint8 blocks / E8M0 scales): frozen, never touched by optimizers."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional building blocks
+# ---------------------------------------------------------------------------------------------
+def rms_norm(x, scale, eps):
+    """float32 statistics, as transformers (weight kept in float32), result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def rope_cos_sin(positions_BT, inv_freq, attention_scaling):
+    """cos/sin [B, T, H/2] in float32, the YaRN concentration applied to both."""
+    freqs = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(freqs) * attention_scaling, jnp.sin(freqs) * attention_scaling
+
+
+def apply_rope(x_BTNH, cos_BTh, sin_BTh):
+    """Half-split (NeoX) rotation: the first half pairs with the second half."""
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+def visible_mask(q_pos_BT, k_pos_BS, window, k_valid_BS=None):
+    """[B, T, S]: key j visible to query i iff pos_i - W < pos_j <= pos_i (W keys including self)."""
+    q = q_pos_BT[:, :, None]
+    k = k_pos_BS[:, None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    if k_valid_BS is not None:
+        mask &= k_valid_BS[:, None, :]
+    return mask
+
+
+def attention_xla(q_BTNH, k_BSKH, v_BSKH, sinks_N, mask_BTS, *, sm_scale):
+    """Softmax attention with one sink logit per query head in the denominator only."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                         preferred_element_type=jnp.float32) * sm_scale
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, -jnp.inf)
+    sink_KG = sinks_N.astype(jnp.float32).reshape(K, N // K)[None, :, :, None]  # [1, K, G, 1]
+    m = jnp.maximum(jnp.max(s_BKGTS, axis=-1), sink_KG)
+    p = jnp.exp(s_BKGTS - m[..., None])
+    denom = jnp.sum(p, axis=-1) + jnp.exp(sink_KG - m)
+    o_BKGTH = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v_BSKH.dtype), v_BSKH,
+                         preferred_element_type=jnp.float32) / denom[..., None]
+    return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+def swiglu(gate_up, alpha, limit):
+    """Interleaved gate/up (even = gate, odd = up); gate clamped above only, up both sides."""
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(alpha * gate))
+
+
+def route(x_MD, w_DE, b_E, top_k):
+    """Top-k of the router logits, then softmax over those k (not over all experts)."""
+    logits_ME = jnp.dot(x_MD, w_DE.astype(x_MD.dtype)) + b_E.astype(x_MD.dtype)
+    vals_Mk, idx_Mk = jax.lax.top_k(logits_ME, top_k)
+    return jax.nn.softmax(vals_Mk.astype(jnp.float32), axis=-1).astype(x_MD.dtype), idx_Mk
+
+
+def _contract_last(lhs_MK, w_ENK, group_sizes_E):
+    """Grouped matmul x @ W_e^T with W in checkpoint [E, N, K] layout (no transposed copy)."""
+    dn = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+    return jax.lax.ragged_dot_general(lhs_MK, w_ENK, group_sizes_E, dn, preferred_element_type=jnp.float32)
+
+
+def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig):
+    """Dropless MoE: sort the M*k (token, expert) rows by expert, two grouped matmuls on weights
+    dequantized inside the jit (this layer only), weighted sum back per token.
+
+    When fewer rows than experts are routed (decode), only the routed experts' blocks are gathered
+    and dequantized instead of the whole layer.
+    """
+    dtype = x_MD.dtype
+    M, D = x_MD.shape
+    k = idx_Mk.shape[1]
+    E = cfg.num_local_experts
+    alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
+    e_R = idx_Mk.reshape(-1)  # R = M * k routed rows, token-major
+    if M * k < E:
+        w1 = mxfp4.dequantize(p["w1_blocks"][e_R], p["w1_scales"][e_R], dtype)  # [R, 2F, D]
+        w2 = mxfp4.dequantize(p["w2_blocks"][e_R], p["w2_scales"][e_R], dtype)  # [R, D, F]
+        x_RD = jnp.repeat(x_MD, k, axis=0)
+        h = jnp.einsum("RD,RND->RN", x_RD, w1, preferred_element_type=jnp.float32)
+        h = swiglu(h + p["b1"][e_R].astype(jnp.float32), alpha, limit).astype(dtype)
+        y_RD = jnp.einsum("RF,RDF->RD", h, w2, preferred_element_type=jnp.float32)
+        y_RD = y_RD + p["b2"][e_R].astype(jnp.float32)
+    else:
+        order = jnp.argsort(e_R, stable=True)
+        e_sorted = e_R[order]
+        x_RD = x_MD[order // k]
+        group_sizes = jnp.bincount(e_R, length=E).astype(jnp.int32)
+        w1 = mxfp4.dequantize(p["w1_blocks"], p["w1_scales"], dtype)  # [E, 2F, D]
+        h = _contract_last(x_RD, w1, group_sizes) + p["b1"][e_sorted].astype(jnp.float32)
+        h = swiglu(h, alpha, limit).astype(dtype)
+        w2 = mxfp4.dequantize(p["w2_blocks"], p["w2_scales"], dtype)  # [E, D, F]
+        y_sorted = _contract_last(h, w2, group_sizes) + p["b2"][e_sorted].astype(jnp.float32)
+        y_RD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    y_MkD = y_RD.reshape(M, k, D) * weights_Mk.astype(jnp.float32)[..., None]
+    return jnp.sum(y_MkD, axis=1).astype(dtype)
+
+
+def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig):
+    raise NotImplementedError(
+        "kernels='pallas' needs the Pallas MXFP4 grouped-matmul kernel (pallas_kernels.mxfp4_gmm), "
+        "which is not available in this build; use kernels='xla'")
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX modules
+# ---------------------------------------------------------------------------------------------
+def _normal(rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GptOssConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.window = cfg.window(layer)
+        self.sm_scale = H ** -0.5
+        self.norm = nnx.Param(jnp.ones((D,), param_dtype))
+        self.wq_DNH = nnx.Param(_normal(rngs, (D, N, H), param_dtype))
+        self.wk_DKH = nnx.Param(_normal(rngs, (D, K, H), param_dtype))
+        self.wv_DKH = nnx.Param(_normal(rngs, (D, K, H), param_dtype))
+        self.wo_NHD = nnx.Param(_normal(rngs, (N, H, D), param_dtype))
+        self.bq_NH = nnx.Param(jnp.zeros((N, H), param_dtype))
+        self.bk_KH = nnx.Param(jnp.zeros((K, H), param_dtype))
+        self.bv_KH = nnx.Param(jnp.zeros((K, H), param_dtype))
+        self.bo_D = nnx.Param(jnp.zeros((D,), param_dtype))
+        self.sinks_N = nnx.Param(_normal(rngs, (N,), param_dtype))
+
+    def qkv(self, x_BTD, cos, sin):
+        dt = x_BTD.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt)) + self.bq_NH[...].astype(dt)
+        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt)) + self.bk_KH[...].astype(dt)
+        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt)) + self.bv_KH[...].astype(dt)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o_BTNH):
+        dt = o_BTNH.dtype
+        return jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...].astype(dt)) + self.bo_D[...].astype(dt)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: GptOssConfig, *, param_dtype, rngs: nnx.Rngs):
+        D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+        self.cfg = cfg
+        self.norm = nnx.Param(jnp.ones((D,), param_dtype))
+        self.wr_DE = nnx.Param(_normal(rngs, (D, E), param_dtype))
+        self.br_E = nnx.Param(jnp.zeros((E,), param_dtype))
+        g_d, g_f = D // mxfp4.BLOCK, F // mxfp4.BLOCK
+        nb = mxfp4.BYTES_PER_BLOCK
+        key = rngs.params()
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        # Random init: uniform codes with scales around 2**-5 (|w| ~ 0.05).
+        self.w1_blocks = PackedParam(jax.random.randint(k1, (E, 2 * F, g_d, nb), 0, 256).astype(jnp.uint8))
+        self.w1_scales = PackedParam(jax.random.randint(k2, (E, 2 * F, g_d), 120, 124).astype(jnp.uint8))
+        self.w2_blocks = PackedParam(jax.random.randint(k3, (E, D, g_f, nb), 0, 256).astype(jnp.uint8))
+        self.w2_scales = PackedParam(jax.random.randint(k4, (E, D, g_f), 120, 124).astype(jnp.uint8))
+        self.b1 = nnx.Param(jnp.zeros((E, 2 * F), param_dtype))
+        self.b2 = nnx.Param(jnp.zeros((E, D), param_dtype))
+
+    def expert_params(self):
+        return {name: getattr(self, name)[...] for name in
+                ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales", "b1", "b2")}
+
+    def __call__(self, x_BTD, kernels: str = "xla"):
+        B, T, D = x_BTD.shape
+        x_MD = x_BTD.reshape(B * T, D)
+        weights_Mk, idx_Mk = route(x_MD, self.wr_DE[...], self.br_E[...], self.cfg.num_experts_per_tok)
+        run = experts_pallas if kernels == "pallas" else experts_xla
+        return run(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg).reshape(B, T, D)

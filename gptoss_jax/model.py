@@ -1,0 +1,138 @@
+"""The gpt-oss transformer as a Flax NNX module."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import GptOssConfig
+from .layers import KERNELS, MoE, Attention, attention_xla, rms_norm, rope_cos_sin, visible_mask
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "bf16": jnp.bfloat16, "fp32": jnp.float32}
+
+
+def canonical_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return jnp.dtype(DTYPES[dtype])
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"compute dtype must be bfloat16 or float32, got {dtype}")
+    return dtype
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GptOssConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, layer, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
+
+
+class GptOss(nnx.Module):
+    """gpt-oss causal LM. `model(input_ids [B, T] int32)` -> float32 logits [B, T, V].
+
+    Parameters keep the checkpoint dtypes (bf16, MXFP4-packed experts); `dtype` is the compute dtype.
+    """
+
+    def __init__(self, cfg: GptOssConfig, *, dtype="bfloat16", param_dtype=jnp.bfloat16,
+                 kernels: str = "xla", rngs: nnx.Rngs | None = None):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = canonical_dtype(dtype)
+        self.kernels = kernels
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_VD = nnx.Param((0.02 * jax.random.normal(rngs.params(), (V, D))).astype(param_dtype))
+        self.blocks = nnx.List([Block(cfg, i, param_dtype=param_dtype, rngs=rngs)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = nnx.Param(jnp.ones((D,), param_dtype))
+        self.lm_head_VD = nnx.Param((0.02 * jax.random.normal(rngs.params(), (V, D))).astype(param_dtype))
+        inv_freq, scaling = cfg.rope_tables()
+        self._inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph, not a parameter
+        self._rope_scaling = scaling
+
+    # ---- forward ---------------------------------------------------------------------------
+    def rope(self, positions_BT):
+        return rope_cos_sin(positions_BT, np.asarray(self._inv_freq, np.float32), self._rope_scaling)
+
+    def embed(self, input_ids_BT):
+        return jnp.take(self.embed_VD[...], input_ids_BT, axis=0).astype(self.dtype)
+
+    def unembed(self, x_BTD):
+        x = rms_norm(x_BTD, self.norm[...], self.config.rms_norm_eps)
+        return jnp.einsum("BTD,VD->BTV", x, self.lm_head_VD[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def forward(self, input_ids_BT, positions_BT=None):
+        """Full causal forward over the given tokens, no cache."""
+        B, T = input_ids_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = self.rope(positions_BT)
+        eps = self.config.rms_norm_eps
+        x = self.embed(input_ids_BT)
+        for block in self.blocks:
+            a = block.attn
+            q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin)
+            mask = visible_mask(positions_BT, positions_BT, a.window)
+            o = attention_xla(q, k, v, a.sinks_N[...], mask, sm_scale=a.sm_scale)
+            x = x + a.out(o)
+            x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.kernels)
+        return self.unembed(x)
+
+    def __call__(self, input_ids_BT, positions_BT=None):
+        if isinstance(input_ids_BT, jax.core.Tracer):
+            return self.forward(input_ids_BT, positions_BT)
+        ids = check_token_ids(input_ids_BT, self.config.vocab_size)
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(graphdef)(state, ids, positions_BT)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_forward(graphdef):
+    @jax.jit
+    def f(state, ids, positions):
+        return nnx.merge(graphdef, state).forward(ids, positions)
+    return f
+
+
+def check_token_ids(input_ids, vocab_size: int) -> jax.Array:
+    """Host-side validation: int [B, T], 0 <= id < vocab."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [batch, tokens], got {ids.shape}")
+    if ids.size == 0:
+        raise ValueError("input_ids is empty")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        b, t = np.argwhere(bad)[0]
+        raise ValueError(f"token id {int(ids[b, t])} at [{b}, {t}] is out of range [0, {vocab_size})")
+    return jnp.asarray(ids, jnp.int32)
+
+
+def abstract_model(cfg: GptOssConfig, *, dtype="bfloat16", kernels="xla") -> GptOss:
+    """The model with ShapeDtypeStruct leaves: shapes and bytes without allocating anything."""
+    return nnx.eval_shape(lambda: GptOss(cfg, dtype=dtype, kernels=kernels, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: GptOss) -> tuple[int, int]:
+    """(parameters, bytes); packed MXFP4 counts 2 weights per byte and its scales as bytes only."""
+    from .layers import PackedParam
+
+    n_params = n_bytes = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        leaf = var.get_value() if hasattr(var, "get_value") else var.value
+        size = int(np.prod(leaf.shape))
+        n_bytes += size * jnp.dtype(leaf.dtype).itemsize
+        if isinstance(var, PackedParam) or (hasattr(var, "type") and var.type is PackedParam):
+            n_params += 2 * size if str(path[-1]).endswith("blocks") else 0
+        else:
+            n_params += size
+    return n_params, n_bytes
