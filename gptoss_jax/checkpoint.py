@@ -102,7 +102,8 @@ class SafetensorsFile:
 
 def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]],
                       metadata: dict[str, str] | None = None):
-    """Streamed writer: (name, shape, dtype name, producer) -> file; one tensor in memory at a time."""
+    """Streamed writer: (name, shape, dtype name, producer) -> file; one tensor in memory at a time.
+    A producer returning None leaves that tensor as a hole of zeros (sparse file)."""
     tensors = list(tensors)
     header, off = {}, 0
     for name, shape, dtype, _ in tensors:
@@ -115,10 +116,15 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple[int, ...], s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype, produce in tensors:
-            arr = np.ascontiguousarray(produce(), dtype=ST_DTYPES[dtype])
+            arr = produce()
+            if arr is None:  # all zeros: leave a hole (sparse file)
+                f.seek(math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize, os.SEEK_CUR)
+                continue
+            arr = np.ascontiguousarray(arr, dtype=ST_DTYPES[dtype])
             if arr.shape != tuple(shape):
                 raise ValueError(f"tensor {name}: produced shape {arr.shape}, expected {tuple(shape)}")
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        f.truncate(f.tell())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,13 +375,14 @@ def assemble(abstract_model, arrays: dict[ParamPath, jax.Array]):
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def abstract_leaves(abstract_model) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+def param_leaves(model) -> dict[ParamPath, jax.Array | jax.ShapeDtypeStruct]:
+    """Parameter path -> leaf (arrays; ShapeDtypeStructs for an abstract model)."""
     return {_param_path(k): (v.get_value() if hasattr(v, "get_value") else v.value)
-            for k, v in nnx.to_flat_state(nnx.state(abstract_model))}
+            for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def load_safetensors_model(path: str, abstract_model, layout: str, *, shardings=None, progress=True):
-    leaves = abstract_leaves(abstract_model)
+    leaves = param_leaves(abstract_model)
     arrays = {}
     for p, host in iter_checkpoint_params(path, abstract_model.config, layout, progress):
         want = leaves[p]
@@ -447,7 +454,7 @@ def load_orbax_model(path: str, abstract_model, *, shardings=None):
         marker = json.load(f)
     if marker.get("format") != ORBAX_FORMAT:
         raise CheckpointError(f"{path}: unknown gptoss-jax format {marker.get('format')!r}")
-    leaves = abstract_leaves(abstract_model)
+    leaves = param_leaves(abstract_model)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {flat_key(p): jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                 sharding=(shardings or {}).get(p, default))
@@ -501,7 +508,9 @@ class RandomInit:
     scale_spread: int = 1
 
 
-def random_tensor(spec: TensorSpec, rng: np.random.Generator, init: RandomInit) -> np.ndarray:
+def random_tensor(spec: TensorSpec, rng: np.random.Generator, init: RandomInit | None) -> np.ndarray:
+    if init is None:
+        return np.zeros(spec.shape, ST_DTYPES[spec.dtype])
     if spec.kind == "blocks":
         return rng.integers(0, 256, size=spec.shape, dtype=np.uint8)
     if spec.kind == "scales":
@@ -515,23 +524,46 @@ def random_tensor(spec: TensorSpec, rng: np.random.Generator, init: RandomInit) 
 
 
 def write_random_checkpoint(cfg: GptOssConfig, dst: str, *, layout: str = "hf", seed: int = 0,
-                            num_shards: int | None = None, init: RandomInit = RandomInit(),
+                            num_shards: int | None = None, init: RandomInit | None = RandomInit(),
                             overwrite: bool = False, progress: bool = True) -> str:
-    """Random weights written shard by shard in the exact released layout (MXFP4 packed)."""
+    """Random weights written shard by shard in the exact released layout (MXFP4 packed).
+
+    `init=None` writes all-zero weights as sparse files: the exact layout at almost no disk cost.
+    """
+    rng = np.random.default_rng(seed)
+    return _write_checkpoint(cfg, dst, layout, lambda s: random_tensor(s, rng, init), num_shards=num_shards,
+                             overwrite=overwrite, progress=progress, sparse=init is None,
+                             desc="writing random checkpoint")
+
+
+def save_checkpoint(model, dst: str, *, layout: str = "hf", num_shards: int | None = None,
+                    overwrite: bool = False, progress: bool = True) -> str:
+    """Write a model's parameters in a released layout (Hugging Face or original), as stored
+    (bf16, MXFP4 packed). The result loads in `load_model`, transformers and OpenAI's reference."""
+    leaves = param_leaves(model)
+
+    def produce(s: TensorSpec):
+        return s.from_params(*(np.asarray(jax.device_get(leaves[p])) for p in s.params))
+
+    return _write_checkpoint(model.config, dst, layout, produce, num_shards=num_shards, overwrite=overwrite,
+                             progress=progress, desc="writing checkpoint")
+
+
+def _write_checkpoint(cfg: GptOssConfig, dst: str, layout: str, produce: Callable[[TensorSpec], np.ndarray], *,
+                      num_shards, overwrite, progress, desc, sparse=False) -> str:
     specs = tensor_specs(cfg, layout)
     shards = release_shards(cfg, layout, specs, num_shards)
-    rng = np.random.default_rng(seed)
     total = sum(math.prod(s.shape) * np.dtype(ST_DTYPES[s.dtype]).itemsize for s in specs)
-    with atomic_dir(dst, overwrite) as tmp, tqdm(total=total, unit="B", unit_scale=True,
-                                                  desc="writing random checkpoint", disable=not progress) as bar:
+    with atomic_dir(dst, overwrite) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                                                  disable=not progress) as bar:
         weight_map = {}
         for fn, shard in shards:
             def producer(s):
-                def produce():
-                    arr = random_tensor(s, rng, init)
-                    bar.update(arr.nbytes)
+                def produce_one():
+                    arr = None if sparse else produce(s)
+                    bar.update(math.prod(s.shape) * np.dtype(ST_DTYPES[s.dtype]).itemsize)
                     return arr
-                return produce
+                return produce_one
             write_safetensors(os.path.join(tmp, fn), [(s.name, s.shape, s.dtype, producer(s)) for s in shard])
             weight_map.update({s.name: fn for s in shard})
         if layout == "hf" and len(shards) > 1:

@@ -1,0 +1,399 @@
+"""The harmony chat format of gpt-oss: render conversations to prompt tokens, parse completions.
+
+A thin layer over OpenAI's ``openai-harmony`` (pinned in pyproject.toml): plain dataclasses or dicts in and out,
+harmony objects inside. The token ids are those of :func:`gptoss_jax.tokenizer.load_tokenizer` (checked by the
+tests).
+
+openai-harmony loads ``o200k_base.tiktoken`` itself: from ``$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken`` when the
+variable is set (hash-checked; the same variable and file name as our tokenizer, so one folder serves both and
+works offline), otherwise it downloads the file into its own cache (``TIKTOKEN_RS_CACHE_DIR``).
+
+Example::
+
+    from gptoss_jax.harmony import render_prompt, parse_completion, FunctionTool
+    ids = render_prompt(
+        [{"role": "user", "content": "What is the weather in Paris?"}],
+        reasoning_effort="low",
+        conversation_start_date="2025-08-05",
+        instructions="Answer briefly.",
+        tools=[FunctionTool("get_weather", "Current weather", {"type": "object", "properties": {...}})],
+    )
+    ... generate completion token ids after ``ids`` ...
+    out = parse_completion(completion_ids)
+    out.analysis, out.final, out.tool_calls
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+import openai_harmony as oh
+
+from gptoss_jax import tokenizer as _tok
+
+__all__ = [
+    "REASONING_EFFORTS",
+    "FunctionTool",
+    "ChatMessage",
+    "ToolCall",
+    "ParsedCompletion",
+    "HarmonyLoadError",
+    "load_harmony_encoding",
+    "build_conversation",
+    "render_prompt",
+    "parse_completion",
+    "stop_token_ids",
+]
+
+REASONING_EFFORTS = ("low", "medium", "high")
+_EFFORT = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
+_ROLES = {r.value: r for r in oh.Role}
+
+
+class HarmonyLoadError(RuntimeError):
+    """openai-harmony could not load its encoding (no vocab file, offline, hash mismatch)."""
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the model may call: ``parameters`` is a JSON schema (an ``"object"`` schema) or None."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] | None = None
+
+
+@dataclass
+class ChatMessage:
+    """One message of a conversation.
+
+    role: ``"user"``, ``"assistant"``, ``"tool"``, or (first message only) ``"system"``/``"developer"``, whose
+        content becomes the developer instructions (as in gpt-oss's Hugging Face chat template).
+    channel: assistant messages: ``"analysis"`` (reasoning), ``"commentary"`` (tool calls, preambles) or
+        ``"final"`` (the answer). Defaults: ``"final"``, or ``"commentary"`` when ``recipient`` is set; tool
+        results default to ``"commentary"``.
+    recipient: for a tool call, the tool, e.g. ``"functions.get_weather"``; tool results default to
+        ``"assistant"``.
+    name: for a tool result, the tool that answered, e.g. ``"functions.get_weather"`` (required for role tool).
+    content_type: e.g. ``"<|constrain|>json"`` for a tool call's JSON arguments.
+    """
+
+    role: str
+    content: str
+    channel: str | None = None
+    recipient: str | None = None
+    name: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call of the assistant: ``recipient`` like ``"functions.get_weather"``, raw ``arguments`` text."""
+
+    recipient: str
+    arguments: str
+    channel: str | None = None
+    content_type: str | None = None
+
+    @property
+    def namespace(self) -> str | None:
+        """``"functions"`` for ``"functions.get_weather"``; None for a recipient without a dot."""
+        return self.recipient.split(".", 1)[0] if "." in self.recipient else None
+
+    @property
+    def name(self) -> str:
+        """The function name without its namespace: ``"get_weather"``."""
+        return self.recipient.split(".", 1)[1] if "." in self.recipient else self.recipient
+
+    def json_arguments(self) -> Any:
+        """The arguments parsed as JSON (raises json.JSONDecodeError when they are not JSON)."""
+        return json.loads(self.arguments)
+
+
+@dataclass
+class ParsedCompletion:
+    """The messages of one assistant completion.
+
+    messages: every parsed message, in order (role ``"assistant"``).
+    stop_token: the stop token that ended the completion (``<|return|>``, ``<|call|>`` or ``<|endoftext|>``), or
+        None when the tokens ran out first (e.g. max_tokens); tokens after it are ignored.
+    error: when not strict, the parser's complaint if the tokens ended inside a message header or were
+        malformed (the messages parsed before it are kept); None otherwise.
+    """
+
+    messages: list[ChatMessage] = field(default_factory=list)
+    stop_token: int | None = None
+    error: str | None = None
+
+    @property
+    def analysis(self) -> str:
+        """The reasoning: the analysis-channel messages, joined by newlines."""
+        return "\n".join(m.content for m in self.messages if m.channel == "analysis")
+
+    @property
+    def final(self) -> str | None:
+        """The answer: the last final-channel message, or None when there is none."""
+        finals = [m.content for m in self.messages if m.channel == "final"]
+        return finals[-1] if finals else None
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """Messages addressed to a tool (any recipient other than the user/assistant)."""
+        return [
+            ToolCall(m.recipient, m.content, m.channel, m.content_type)
+            for m in self.messages
+            if m.recipient and m.recipient not in ("user", "all", "assistant")
+        ]
+
+
+def _resolve_base(encodings_base: str | os.PathLike | None) -> str | None:
+    if encodings_base is not None:
+        return os.path.abspath(os.fspath(encodings_base))
+    env = os.environ.get(_tok.ENCODINGS_BASE_ENV)
+    return os.path.abspath(env) if env else None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(base: str | None) -> oh.HarmonyEncoding:
+    name = oh.HarmonyEncodingName.HARMONY_GPT_OSS
+    if base is None:
+        try:
+            return oh.load_harmony_encoding(name)
+        except Exception as e:
+            raise HarmonyLoadError(
+                f"openai-harmony could not download o200k_base.tiktoken ({e}). When offline, set "
+                f"{_tok.ENCODINGS_BASE_ENV} to a folder that holds {_tok.O200K_BASE_FILENAME} "
+                f"(sha256 {_tok.O200K_BASE_SHA256})."
+            ) from e
+    path = os.path.join(base, _tok.O200K_BASE_FILENAME)
+    if not os.path.isfile(path):
+        raise HarmonyLoadError(
+            f"{_tok.O200K_BASE_FILENAME} not found in {base!r}: openai-harmony reads "
+            f"${_tok.ENCODINGS_BASE_ENV}/{_tok.O200K_BASE_FILENAME} (sha256 {_tok.O200K_BASE_SHA256})."
+        )
+    # openai-harmony (Rust) reads the variable from the process environment at load time.
+    old = os.environ.get(_tok.ENCODINGS_BASE_ENV)
+    os.environ[_tok.ENCODINGS_BASE_ENV] = base
+    try:
+        return oh.load_harmony_encoding(name)
+    except Exception as e:
+        raise HarmonyLoadError(f"openai-harmony could not load {path!r} (hash mismatch or bad file?): {e}") from e
+    finally:
+        if old is None:
+            del os.environ[_tok.ENCODINGS_BASE_ENV]
+        else:
+            os.environ[_tok.ENCODINGS_BASE_ENV] = old
+
+
+def load_harmony_encoding(encodings_base: str | os.PathLike | None = None) -> oh.HarmonyEncoding:
+    """openai-harmony's ``HarmonyGptOss`` encoding, cached; ``encodings_base`` as for ``load_tokenizer``."""
+    return _load_cached(_resolve_base(encodings_base))
+
+
+def stop_token_ids() -> tuple[int, ...]:
+    """Default stop tokens for generation: ``<|return|>``, ``<|endoftext|>``, ``<|call|>``."""
+    return _tok.DEFAULT_STOP_TOKEN_IDS
+
+
+MessageLike = Union[ChatMessage, Mapping[str, Any]]
+ToolLike = Union[FunctionTool, Mapping[str, Any]]
+
+
+def _as_message(m: MessageLike) -> ChatMessage:
+    if isinstance(m, ChatMessage):
+        return m
+    if not isinstance(m, Mapping):
+        raise TypeError(f"a message must be a ChatMessage or a dict, got {type(m).__name__}")
+    known = {f.name for f in dataclasses.fields(ChatMessage)}
+    unknown = set(m) - known
+    if unknown:
+        raise ValueError(f"unknown message keys {sorted(unknown)}; allowed: {sorted(known)}")
+    if "role" not in m or "content" not in m:
+        raise ValueError(f"a message needs 'role' and 'content': {dict(m)!r}")
+    return ChatMessage(**m)
+
+
+def _as_tool(t: ToolLike) -> oh.ToolDescription:
+    if isinstance(t, Mapping):
+        # Also accept the OpenAI chat-completions form {"type": "function", "function": {...}}.
+        if t.get("type") == "function" and "function" in t:
+            t = t["function"]
+        t = FunctionTool(name=t["name"], description=t.get("description", ""), parameters=t.get("parameters"))
+    if not isinstance(t, FunctionTool):
+        raise TypeError(f"a tool must be a FunctionTool or a dict, got {type(t).__name__}")
+    params = None if t.parameters is None else json.loads(json.dumps(t.parameters))
+    return oh.ToolDescription.new(t.name, t.description, parameters=params)
+
+
+def _to_harmony(m: ChatMessage) -> oh.Message:
+    if not isinstance(m.content, str):
+        raise TypeError(f"message content must be a str, got {type(m.content).__name__}")
+    if m.role == "assistant":
+        channel = m.channel or ("commentary" if m.recipient else "final")
+        msg = oh.Message.from_role_and_content(oh.Role.ASSISTANT, m.content).with_channel(channel)
+        if m.recipient:
+            msg = msg.with_recipient(m.recipient)
+    elif m.role == "user":
+        msg = oh.Message.from_role_and_content(oh.Role.USER, m.content)
+        if m.channel:
+            msg = msg.with_channel(m.channel)
+    elif m.role == "tool":
+        if not m.name:
+            raise ValueError("a tool message needs the tool's name, e.g. name='functions.get_weather'")
+        msg = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, m.name), m.content)
+        msg = msg.with_channel(m.channel or "commentary").with_recipient(m.recipient or "assistant")
+    elif m.role in ("system", "developer"):
+        raise ValueError(
+            f"a {m.role!r} message is only allowed first in the conversation (it becomes the developer "
+            f"instructions); use instructions= instead"
+        )
+    else:
+        raise ValueError(f"unknown role {m.role!r}; expected one of user, assistant, tool, system, developer")
+    if m.content_type:
+        msg = msg.with_content_type(m.content_type)
+    return msg
+
+
+def _date_str(d: str | datetime.date | None) -> str | None:
+    if d is None or isinstance(d, str):
+        return d
+    if isinstance(d, datetime.datetime):
+        d = d.date()
+    return d.isoformat()
+
+
+def build_conversation(
+    messages: Sequence[MessageLike],
+    *,
+    reasoning_effort: str = "medium",
+    conversation_start_date: str | datetime.date | None = None,
+    instructions: str | None = None,
+    tools: Sequence[ToolLike] | None = None,
+    model_identity: str | None = None,
+    knowledge_cutoff: str | None = None,
+) -> oh.Conversation:
+    """The harmony ``Conversation``: a system message (model identity, knowledge cutoff, conversation start
+    date, reasoning effort, channels), a developer message when there are instructions or tools, then
+    ``messages``. See :func:`render_prompt` for the arguments."""
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+    msgs = [_as_message(m) for m in messages]
+    if msgs and msgs[0].role in ("system", "developer"):
+        if instructions is not None:
+            raise ValueError("give developer instructions either as instructions= or as a first system message")
+        instructions = msgs[0].content
+        msgs = msgs[1:]
+
+    system = oh.SystemContent.new().with_reasoning_effort(_EFFORT[reasoning_effort])
+    date = _date_str(conversation_start_date)
+    if date is not None:
+        system = system.with_conversation_start_date(date)
+    if model_identity is not None:
+        system = system.with_model_identity(model_identity)
+    if knowledge_cutoff is not None:
+        system = system.with_knowledge_cutoff(knowledge_cutoff)
+    out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+
+    if instructions is not None or tools:
+        dev = oh.DeveloperContent.new()
+        if instructions is not None:
+            dev = dev.with_instructions(instructions)
+        if tools:
+            dev = dev.with_function_tools([_as_tool(t) for t in tools])
+        out.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
+    out.extend(_to_harmony(m) for m in msgs)
+    return oh.Conversation.from_messages(out)
+
+
+def render_prompt(
+    messages: Sequence[MessageLike],
+    *,
+    reasoning_effort: str = "medium",
+    conversation_start_date: str | datetime.date | None = None,
+    instructions: str | None = None,
+    tools: Sequence[ToolLike] | None = None,
+    model_identity: str | None = None,
+    knowledge_cutoff: str | None = None,
+    auto_drop_analysis: bool = True,
+    encodings_base: str | os.PathLike | None = None,
+) -> list[int]:
+    """Prompt token ids for the assistant's next turn (ends with ``<|start|>assistant``).
+
+    messages: ChatMessage objects or dicts with the same keys (``role``, ``content``, optional ``channel``,
+        ``recipient``, ``name``, ``content_type``).
+    reasoning_effort: ``"low"``, ``"medium"`` (default) or ``"high"``.
+    conversation_start_date: ``"YYYY-MM-DD"`` or a ``datetime.date``; None leaves it out.
+    instructions: developer instructions (or give them as a first system/developer message).
+    tools: function tools, as :class:`FunctionTool` or dicts ``{"name", "description", "parameters"}`` (also
+        ``{"type": "function", "function": {...}}``); ``parameters`` is a JSON schema.
+    model_identity / knowledge_cutoff: override harmony's defaults ("You are ChatGPT, ..." / "2024-06").
+    auto_drop_analysis: drop earlier turns' analysis messages as harmony recommends.
+    """
+    conv = build_conversation(
+        messages,
+        reasoning_effort=reasoning_effort,
+        conversation_start_date=conversation_start_date,
+        instructions=instructions,
+        tools=tools,
+        model_identity=model_identity,
+        knowledge_cutoff=knowledge_cutoff,
+    )
+    enc = load_harmony_encoding(encodings_base)
+    cfg = oh.RenderConversationConfig(auto_drop_analysis=auto_drop_analysis)
+    return list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT, cfg))
+
+
+def _from_harmony(m: oh.Message) -> ChatMessage:
+    text = "".join(c.text for c in m.content if isinstance(c, oh.TextContent))
+    return ChatMessage(
+        role=m.author.role.value,
+        content=text,
+        channel=m.channel,
+        recipient=m.recipient,
+        name=m.author.name,
+        content_type=m.content_type,
+    )
+
+
+def parse_completion(
+    tokens: Sequence[int],
+    *,
+    strict: bool = False,
+    stop_tokens: Sequence[int] | None = None,
+    encodings_base: str | os.PathLike | None = None,
+) -> ParsedCompletion:
+    """Parse the assistant's completion tokens (the ids generated after :func:`render_prompt`'s prompt).
+
+    Tokens after the first stop token (default ``<|return|>``, ``<|call|>``, ``<|endoftext|>``) are ignored.
+    With ``strict=True`` malformed or header-truncated output raises ``ValueError``; otherwise the messages
+    parsed so far are returned with ``error`` set.
+    """
+    stops = set(_tok.DEFAULT_STOP_TOKEN_IDS if stop_tokens is None else stop_tokens)
+    toks = [int(t) for t in tokens]
+    stop = None
+    for i, t in enumerate(toks):
+        if t in stops:
+            stop = t
+            toks = toks[: i + 1]
+            break
+    if stop == _tok.ENDOFTEXT:
+        toks = toks[:-1]  # not part of the harmony format: ends the message like EOS
+
+    enc = load_harmony_encoding(encodings_base)
+    parser = oh.StreamableParser(enc, oh.Role.ASSISTANT, strict=strict)
+    error = None
+    try:
+        for t in toks:
+            parser.process(t)
+        parser.process_eos()
+    except oh.HarmonyError as e:
+        if strict:
+            raise ValueError(f"malformed harmony completion: {e}") from e
+        error = str(e)
+    return ParsedCompletion([_from_harmony(m) for m in parser.messages], stop, error)

@@ -1,0 +1,154 @@
+"""Token sampling from logits ``[B, V]``: temperature, top-k, top-p (nucleus); pure JAX, jit-able, no host sync.
+
+Order of operations (as in Hugging Face transformers and vLLM): the logits are divided by the temperature,
+top-k keeps the ``k`` highest, top-p then keeps the smallest prefix of those, highest probability first, whose
+probability (softmax of the temperature-scaled logits, renormalised over the top-k set) sums to at least
+``p``; the token is drawn from the softmax over the kept set. The highest-probability token is always kept.
+Ties are broken deterministically: among equal logits the lower token id ranks first (so a boundary tie keeps
+exactly ``k`` tokens, the lowest ids). ``temperature == 0`` is greedy decoding: exactly ``argmax(logits)``
+(lowest id on ties), whatever top-k/top-p say.
+
+The parameters may be Python numbers (validated, and filters that are off cost nothing) or JAX arrays of
+shape ``[]`` or ``[B]`` (per-row values; traced under jit; not validated, call :func:`validate_sampling` on
+the host). ``top_k=None`` and ``top_p=1.0`` turn the filters off.
+
+Log-probabilities for reporting come from the raw model logits (:func:`token_logprobs`), not the filtered ones.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["validate_sampling", "filter_logits", "sample", "greedy", "token_logprobs"]
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def validate_sampling(temperature=1.0, top_p=1.0, top_k=None) -> None:
+    """Raise ValueError unless ``temperature >= 0`` (finite), ``0 < top_p <= 1`` and ``top_k`` is None or an
+    integer ``>= 1``. Numbers or array-likes (checked elementwise) are accepted."""
+
+    def values(name, x, integer=False):
+        if _is_real(x):
+            return np.asarray([x])
+        try:
+            arr = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic inputs
+            raise ValueError(f"{name} must be a number, got {x!r}") from e
+        ok_kind = arr.dtype.kind in ("i", "u") if integer else arr.dtype.kind in ("i", "u", "f")
+        if not ok_kind or arr.size == 0:
+            raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {x!r}")
+        return arr.reshape(-1)
+
+    t = values("temperature", temperature)
+    if not np.all(np.isfinite(t)) or np.any(t < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    p = values("top_p", top_p)
+    if not np.all(np.isfinite(p)) or np.any(p <= 0) or np.any(p > 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 disables nucleus sampling), got {top_p!r}")
+    if top_k is not None:
+        if _is_real(top_k) and not isinstance(top_k, (numbers.Integral, np.integer)):
+            if not float(top_k).is_integer():
+                raise ValueError(f"top_k must be an integer >= 1 (None disables it), got {top_k!r}")
+            top_k = int(top_k)
+        k = values("top_k", top_k, integer=True)
+        if np.any(k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (None disables it), got {top_k!r}")
+
+
+def _static(x) -> bool:
+    return x is None or _is_real(x)
+
+
+def _per_row(x, dtype) -> jax.Array:
+    """A scalar or [B] parameter as an array broadcastable against [B, V]."""
+    a = jnp.asarray(x, dtype)
+    if a.ndim == 0:
+        return a
+    if a.ndim != 1:
+        raise ValueError(f"sampling parameters must be scalars or [B] arrays, got shape {a.shape}")
+    return a[:, None]
+
+
+def _keep_mask(x: jax.Array, top_k, top_p) -> jax.Array:
+    """Boolean [B, V]: the tokens kept by top-k then top-p on scaled logits ``x``."""
+    b, v = x.shape
+    k_static = top_k is None or _is_real(top_k)
+    if k_static and top_k is not None and int(top_k) < v:
+        # Only the k best can survive: partial sort (lax.top_k ranks equal values lowest index first).
+        vals, idx = jax.lax.top_k(x, int(top_k))
+        keep = jnp.ones(vals.shape, bool)
+    else:
+        idx = jnp.argsort(-x, axis=-1, stable=True)  # descending; ties: lowest id first
+        vals = jnp.take_along_axis(x, idx, axis=-1)
+        keep = jnp.ones(vals.shape, bool)
+        if not k_static:
+            keep = keep & (jnp.arange(v)[None, :] < _per_row(top_k, jnp.int32))
+    if not (_is_real(top_p) and float(top_p) >= 1.0):
+        probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
+        cum = jnp.cumsum(probs, axis=-1)
+        before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)  # mass ranked above
+        keep = keep & (before < _per_row(top_p, jnp.float32))  # position 0 always kept (0 < p)
+    rows = jnp.arange(b)[:, None]
+    return jnp.zeros((b, v), bool).at[rows, idx].set(keep)
+
+
+def filter_logits(logits: jax.Array, *, temperature=1.0, top_p=1.0, top_k=None) -> jax.Array:
+    """Float32 ``logits / temperature`` with ``-inf`` outside the kept set; sampling from their softmax is
+    what :func:`sample` does. ``temperature == 0`` keeps only the argmax (its logit set to 0)."""
+    if _static(temperature) and _static(top_p) and _static(top_k):
+        validate_sampling(temperature, top_p, top_k)
+    x = logits.astype(jnp.float32)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be [B, V], got shape {x.shape}")
+    t = _per_row(temperature, jnp.float32)
+    greedy_rows = t == 0
+    scaled = x / jnp.where(greedy_rows, 1.0, t)
+    if top_k is None and _is_real(top_p) and float(top_p) >= 1.0:
+        out = scaled
+    else:
+        out = jnp.where(_keep_mask(scaled, top_k, top_p), scaled, -jnp.inf)
+    if _is_real(temperature) and float(temperature) > 0:
+        return out
+    one_hot = jax.nn.one_hot(jnp.argmax(x, axis=-1), x.shape[-1], dtype=bool)
+    greedy_out = jnp.where(one_hot, 0.0, -jnp.inf)
+    return jnp.where(greedy_rows, greedy_out, out)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis, int32 (lowest id on ties)."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, key: jax.Array | None, *, temperature=1.0, top_p=1.0, top_k=None) -> jax.Array:
+    """Draw one token id per row of ``logits`` [B, V]; returns int32 [B].
+
+    ``temperature == 0`` returns exactly ``argmax(logits)`` (``key`` may then be None when the temperature is
+    a Python number). Same ``key`` and inputs give the same tokens.
+    """
+    if _is_real(temperature) and float(temperature) == 0:
+        if _static(top_p) and _static(top_k):
+            validate_sampling(temperature, top_p, top_k)
+        return greedy(logits)
+    if key is None:
+        raise ValueError("sample() needs a PRNG key unless temperature == 0")
+    masked = filter_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k)
+    drawn = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    if _is_real(temperature):
+        return drawn
+    return jnp.where(_per_row(temperature, jnp.float32).reshape(-1) == 0, greedy(logits), drawn)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[b, tokens[b]]`` in float32: logits [..., V], tokens [...] -> [...].
+
+    Use the raw model logits (not :func:`filter_logits`'s) to report the model's log-probabilities."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, jnp.asarray(tokens)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+

@@ -1,0 +1,74 @@
+"""Tiny gpt-oss configurations and the two independent references (transformers, OpenAI)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from gptoss_jax.config import FULL, SLIDING, preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+REFERENCE = os.path.join(SHARED, "reference")
+
+
+def tiny_config(**kw):
+    """A small gpt-oss: the released YaRN (original_max_position_embeddings 4096), small dims."""
+    base = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+                num_experts_per_tok=3, sliding_window=16, layer_types=(SLIDING, FULL, SLIDING),
+                pad_token_id=None, eos_token_id=None)
+    base.update(kw)
+    if "num_hidden_layers" in kw and "layer_types" not in kw:
+        base["layer_types"] = tuple(SLIDING if i % 2 == 0 else FULL for i in range(kw["num_hidden_layers"]))
+    return preset("gpt-oss-20b").replace(**base)
+
+
+# name -> (config, sequence length): odd head dims, GQA 4/8/1, single kv head, top-k < experts,
+# vocab not a power of two, windows shorter than the sequence (128 with T >= 300 included).
+PARITY_CONFIGS = {
+    "gqa4_w16": (tiny_config(), 50),
+    "kv1_h24_w128": (tiny_config(vocab_size=1111, hidden_size=96, intermediate_size=64, num_attention_heads=4,
+                                 num_key_value_heads=1, head_dim=24, num_local_experts=4, num_experts_per_tok=2,
+                                 sliding_window=128, num_hidden_layers=2, layer_types=(FULL, SLIDING)), 300),
+    "mha_w7": (tiny_config(vocab_size=777, hidden_size=32, intermediate_size=32, num_attention_heads=4,
+                           num_key_value_heads=4, head_dim=8, num_local_experts=6, num_experts_per_tok=4,
+                           sliding_window=7, num_hidden_layers=2, layer_types=(SLIDING, SLIDING)), 40),
+}
+
+
+def random_ids(cfg, batch, length, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, length)).astype(np.int32)
+
+
+def hf_reference(path):
+    """transformers' GptOssForCausalLM, experts dequantized, float32, eager attention."""
+    import torch
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    model = GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
+                                              dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def hf_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+
+
+def openai_logits(path, ids):
+    """OpenAI's reference torch implementation (gpt_oss.torch), cast to float32, one row at a time."""
+    import torch
+    from gpt_oss.torch.model import Transformer
+
+    model = Transformer.from_checkpoint(path, device="cpu").float().eval()
+    with torch.no_grad():
+        return np.stack([model(torch.from_numpy(np.asarray(row, np.int64))).float().numpy() for row in ids])
+
+
+def rel_err(ours, ref):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
