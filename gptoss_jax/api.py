@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from . import checkpoint as ckpt
-from .config import load_config
+from .config import GenerationDefaults, load_config
 from .model import GptOss, abstract_model
 
 KERNEL_CHOICES = ("auto", "xla", "pallas")
@@ -49,5 +49,8 @@ def load_model(path_or_repo_id: str, *, dtype: str = "bfloat16", mesh=None, kern
     cfg = load_config(path)
     abstract = abstract_model(cfg, dtype=dtype, kernels=kernels)
     if layout == "orbax":
-        return ckpt.load_orbax_model(path, abstract)
-    return ckpt.load_safetensors_model(path, abstract, layout, progress=progress)
+        model = ckpt.load_orbax_model(path, abstract)
+    else:
+        model = ckpt.load_safetensors_model(path, abstract, layout, progress=progress)
+    model.generation_defaults = GenerationDefaults.load(path, cfg)
+    return model

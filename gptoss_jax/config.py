@@ -293,3 +293,25 @@ def preset(name: str) -> GptOssConfig:
 
 
 PRESETS = tuple(_PRESET_HF)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults of a checkpoint (its generation_config.json; absent keys as transformers)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop_tokens: tuple[int, ...] = ()
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, cfg: GptOssConfig) -> "GenerationDefaults":
+        p = os.path.join(os.fspath(folder), "generation_config.json")
+        d = {}
+        if os.path.exists(p):
+            with open(p) as f:
+                d = json.load(f)
+        eos = d.get("eos_token_id", cfg.eos_token_id)
+        stops = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(temperature=float(d.get("temperature", 1.0)), top_p=float(d.get("top_p", 1.0)),
+                   top_k=d.get("top_k") or None, stop_tokens=stops)

@@ -164,6 +164,12 @@ def _load_cached(base: str | None) -> oh.HarmonyEncoding:
     name = oh.HarmonyEncodingName.HARMONY_GPT_OSS
     if base is None:
         try:
+            if os.environ.get(_tok.ENCODINGS_BASE_ENV) == "":  # empty: treated as unset, as by load_tokenizer
+                del os.environ[_tok.ENCODINGS_BASE_ENV]
+                try:
+                    return oh.load_harmony_encoding(name)
+                finally:
+                    os.environ[_tok.ENCODINGS_BASE_ENV] = ""
             return oh.load_harmony_encoding(name)
         except Exception as e:
             raise HarmonyLoadError(
@@ -281,7 +287,9 @@ def build_conversation(
     """The harmony ``Conversation``: a system message (model identity, knowledge cutoff, conversation start
     date, reasoning effort, channels), a developer message when there are instructions or tools, then
     ``messages``. See :func:`render_prompt` for the arguments."""
-    if reasoning_effort not in REASONING_EFFORTS:
+    effort = reasoning_effort.value if isinstance(reasoning_effort, oh.ReasoningEffort) else reasoning_effort
+    effort = effort.lower() if isinstance(effort, str) else effort
+    if effort not in REASONING_EFFORTS:
         raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
     msgs = [_as_message(m) for m in messages]
     if msgs and msgs[0].role in ("system", "developer"):
@@ -290,7 +298,7 @@ def build_conversation(
         instructions = msgs[0].content
         msgs = msgs[1:]
 
-    system = oh.SystemContent.new().with_reasoning_effort(_EFFORT[reasoning_effort])
+    system = oh.SystemContent.new().with_reasoning_effort(_EFFORT[effort])
     date = _date_str(conversation_start_date)
     if date is not None:
         system = system.with_conversation_start_date(date)
@@ -327,7 +335,7 @@ def render_prompt(
 
     messages: ChatMessage objects or dicts with the same keys (``role``, ``content``, optional ``channel``,
         ``recipient``, ``name``, ``content_type``).
-    reasoning_effort: ``"low"``, ``"medium"`` (default) or ``"high"``.
+    reasoning_effort: ``"low"``, ``"medium"`` (default) or ``"high"`` (any case, or a harmony ReasoningEffort).
     conversation_start_date: ``"YYYY-MM-DD"`` or a ``datetime.date``; None leaves it out.
     instructions: developer instructions (or give them as a first system/developer message).
     tools: function tools, as :class:`FunctionTool` or dicts ``{"name", "description", "parameters"}`` (also

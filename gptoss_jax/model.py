@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import GptOssConfig
+from .config import GenerationDefaults, GptOssConfig
 from .layers import KERNELS, MoE, Attention, attention_xla, rms_norm, rope_cos_sin, visible_mask
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "bf16": jnp.bfloat16, "fp32": jnp.float32}
@@ -24,6 +25,49 @@ def canonical_dtype(dtype) -> jnp.dtype:
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         raise ValueError(f"compute dtype must be bfloat16 or float32, got {dtype}")
     return dtype
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer key/value cache, [B, S_l, K, H] each, holding rotated keys.
+
+    Full-attention layers keep S_l = max_len slots; sliding layers a ring of S_l = min(window, max_len)
+    slots, so their memory does not grow with the context. Position p lives in slot p % S_l (for a
+    full layer simply p). `lengths[b]` counts the positions of row b already written.
+    """
+
+    k: tuple
+    v: tuple
+    lengths: jax.Array  # [B] int32
+
+    @classmethod
+    def init(cls, cfg: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "KVCache":
+        shapes = [(batch, max_len if cfg.window(i) is None else min(cfg.window(i), max_len),
+                   cfg.num_key_value_heads, cfg.head_dim) for i in range(cfg.num_hidden_layers)]
+        return cls(k=tuple(jnp.zeros(s, dtype) for s in shapes), v=tuple(jnp.zeros(s, dtype) for s in shapes),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return max(k.shape[1] for k in self.k)
+
+    def slot_positions(self, layer: int):
+        """[B, S]: the position held by each slot (the latest p < length with p % S == slot), -1 if none."""
+        S = self.k[layer].shape[1]
+        s = jnp.arange(S, dtype=jnp.int32)[None, :]
+        last = self.lengths[:, None] - 1
+        pos = s + S * jnp.floor_divide(last - s, S)
+        return jnp.where(last >= s, pos, -1)
+
+    def write(self, cache_BSKH, new_BTKH, n_new_B):
+        """Scatter the valid new rows to slots (length + t) % S; only the last S of a chunk survive."""
+        B, S = cache_BSKH.shape[:2]
+        T = new_BTKH.shape[1]
+        t = jnp.arange(T, dtype=jnp.int32)[None, :]
+        keep = (t < n_new_B[:, None]) & (t >= n_new_B[:, None] - S)
+        slot = jnp.where(keep, (self.lengths[:, None] + t) % S, S)  # S is out of bounds: dropped
+        b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        return cache_BSKH.at[b, slot].set(new_BTKH.astype(cache_BSKH.dtype), mode="drop")
 
 
 class Block(nnx.Module):
@@ -55,6 +99,9 @@ class GptOss(nnx.Module):
         inv_freq, scaling = cfg.rope_tables()
         self._inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph, not a parameter
         self._rope_scaling = scaling
+        eos = cfg.eos_token_id
+        self.generation_defaults = GenerationDefaults(
+            stop_tokens=tuple(eos) if isinstance(eos, tuple) else (() if eos is None else (eos,)))
 
     # ---- forward ---------------------------------------------------------------------------
     def rope(self, positions_BT):
@@ -68,22 +115,68 @@ class GptOss(nnx.Module):
         return jnp.einsum("BTD,VD->BTV", x, self.lm_head_VD[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
 
+    def _trunk(self, input_ids_BT, positions_BT, attend):
+        """Embedding and blocks; `attend(layer, q, k, v)` supplies the attention of each layer."""
+        cos, sin = self.rope(positions_BT)
+        eps = self.config.rms_norm_eps
+        x = self.embed(input_ids_BT)
+        for i, block in enumerate(self.blocks):
+            a = block.attn
+            q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin)
+            x = x + a.out(attend(i, q, k, v))
+            x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.kernels)
+        return x
+
     def forward(self, input_ids_BT, positions_BT=None):
         """Full causal forward over the given tokens, no cache."""
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = self.rope(positions_BT)
-        eps = self.config.rms_norm_eps
-        x = self.embed(input_ids_BT)
-        for block in self.blocks:
-            a = block.attn
-            q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin)
+
+        def attend(i, q, k, v):
+            a = self.blocks[i].attn
             mask = visible_mask(positions_BT, positions_BT, a.window)
-            o = attention_xla(q, k, v, a.sinks_N[...], mask, sm_scale=a.sm_scale)
-            x = x + a.out(o)
-            x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.kernels)
-        return self.unembed(x)
+            return attention_xla(q, k, v, a.sinks_N[...], mask, sm_scale=a.sm_scale)
+
+        return self.unembed(self._trunk(input_ids_BT, positions_BT, attend))
+
+    def forward_cached(self, input_ids_BT, cache: "KVCache", n_new_B, *, cache_empty: bool = False,
+                       logits_at_B=None):
+        """T new tokens per row after the cached ones (row b has n_new_B[b] valid tokens, right-padded).
+
+        Attends over cache + chunk, then writes the chunk into the cache. Returns (logits, cache):
+        logits [B, T, V], or [B, V] at the row offsets `logits_at_B` (only those rows go through the
+        vocabulary projection). `cache_empty` (static) skips reading a cache known to be empty.
+        """
+        B, T = input_ids_BT.shape
+        t_T = jnp.arange(T, dtype=jnp.int32)
+        positions_BT = cache.lengths[:, None] + t_T
+        new_valid_BT = t_T[None, :] < n_new_B[:, None]
+        new_k, new_v = [], []
+
+        def attend(i, q, k, v):
+            a = self.blocks[i].attn
+            ck, cv = cache.k[i], cache.v[i]
+            if cache_empty:
+                keys, vals, k_pos, k_valid = k, v, positions_BT, new_valid_BT
+            else:
+                slot_pos = cache.slot_positions(i)
+                keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1).astype(q.dtype)
+                vals = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1).astype(q.dtype)
+                k_pos = jnp.concatenate([slot_pos, positions_BT], axis=1)
+                k_valid = jnp.concatenate([slot_pos >= 0, new_valid_BT], axis=1)
+            mask = visible_mask(positions_BT, k_pos, a.window, k_valid)
+            new_k.append(cache.write(ck, k, n_new_B))
+            new_v.append(cache.write(cv, v, n_new_B))
+            return attention_xla(q, keys, vals, a.sinks_N[...], mask, sm_scale=a.sm_scale)
+
+        x = self._trunk(input_ids_BT, positions_BT, attend)
+        if logits_at_B is not None:
+            x = jnp.take_along_axis(x, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
+            logits = self.unembed(x)[:, 0]
+        else:
+            logits = self.unembed(x)
+        return logits, cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new_B)
 
     def __call__(self, input_ids_BT, positions_BT=None):
         if isinstance(input_ids_BT, jax.core.Tracer):

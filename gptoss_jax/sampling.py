@@ -8,9 +8,11 @@ Ties are broken deterministically: among equal logits the lower token id ranks f
 exactly ``k`` tokens, the lowest ids). ``temperature == 0`` is greedy decoding: exactly ``argmax(logits)``
 (lowest id on ties), whatever top-k/top-p say.
 
-The parameters may be Python numbers (validated, and filters that are off cost nothing) or JAX arrays of
-shape ``[]`` or ``[B]`` (per-row values; traced under jit; not validated, call :func:`validate_sampling` on
-the host). ``top_k=None`` and ``top_p=1.0`` turn the filters off.
+The parameters may be Python numbers (filters that are off then cost nothing), NumPy values, or JAX arrays of
+shape ``[]`` or ``[B]`` (per-row values, possibly traced under jit). All but JAX arrays are validated on every
+call; call :func:`validate_sampling` on the host for JAX-array values. ``top_k=None`` and ``top_p=1.0`` turn
+the filters off. With ``top_p < 1`` and no static ``top_k`` the whole vocabulary is sorted; a ``top_k`` (a
+Python int) restricts the sort to ``k`` candidates.
 
 Log-probabilities for reporting come from the raw model logits (:func:`token_logprobs`), not the filtered ones.
 """
@@ -62,8 +64,9 @@ def validate_sampling(temperature=1.0, top_p=1.0, top_k=None) -> None:
             raise ValueError(f"top_k must be an integer >= 1 (None disables it), got {top_k!r}")
 
 
-def _static(x) -> bool:
-    return x is None or _is_real(x)
+def _host_values(*xs) -> bool:
+    """True when no parameter is a JAX array (those may be traced): host values are validated."""
+    return not any(isinstance(x, jax.Array) for x in xs)
 
 
 def _per_row(x, dtype) -> jax.Array:
@@ -94,7 +97,8 @@ def _keep_mask(x: jax.Array, top_k, top_p) -> jax.Array:
         probs = jax.nn.softmax(jnp.where(keep, vals, -jnp.inf), axis=-1)
         cum = jnp.cumsum(probs, axis=-1)
         before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)  # mass ranked above
-        keep = keep & (before < _per_row(top_p, jnp.float32))  # position 0 always kept (0 < p)
+        keep = keep & (before < _per_row(top_p, jnp.float32))
+        keep = keep.at[:, 0].set(True)  # the top token, whatever a (traced, unvalidated) p says
     rows = jnp.arange(b)[:, None]
     return jnp.zeros((b, v), bool).at[rows, idx].set(keep)
 
@@ -102,7 +106,7 @@ def _keep_mask(x: jax.Array, top_k, top_p) -> jax.Array:
 def filter_logits(logits: jax.Array, *, temperature=1.0, top_p=1.0, top_k=None) -> jax.Array:
     """Float32 ``logits / temperature`` with ``-inf`` outside the kept set; sampling from their softmax is
     what :func:`sample` does. ``temperature == 0`` keeps only the argmax (its logit set to 0)."""
-    if _static(temperature) and _static(top_p) and _static(top_k):
+    if _host_values(temperature, top_p, top_k):
         validate_sampling(temperature, top_p, top_k)
     x = logits.astype(jnp.float32)
     if x.ndim != 2:
@@ -133,7 +137,7 @@ def sample(logits: jax.Array, key: jax.Array | None, *, temperature=1.0, top_p=1
     a Python number). Same ``key`` and inputs give the same tokens.
     """
     if _is_real(temperature) and float(temperature) == 0:
-        if _static(top_p) and _static(top_k):
+        if _host_values(top_p, top_k):
             validate_sampling(temperature, top_p, top_k)
         return greedy(logits)
     if key is None:
