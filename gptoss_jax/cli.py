@@ -43,6 +43,122 @@ def _cmd_info(args):
     print(json.dumps(info, indent=None if args.json else 2))
 
 
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+
+
+def _load(args):
+    from .api import load_model
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    return load_model(args.model, dtype=args.dtype, kernels=args.kernels, progress=True)
+
+
+def _sampling_kwargs(args):
+    return dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def _stream_text(enc, token_iter, stop_tokens):
+    """Print decoded text as tokens arrive (whole UTF-8 characters only); returns the tokens."""
+    out, printed = [], b""
+    for tok in token_iter:
+        tok = int(tok[0])
+        if tok in stop_tokens:
+            break
+        out.append(tok)
+        data = enc.decode_bytes(out)
+        text = data[len(printed):].decode("utf-8", errors="ignore") if data.startswith(printed) else ""
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            printed += text.encode()
+    sys.stdout.write("\n")
+    return out
+
+
+def _assistant_turn(model, enc, messages, args):
+    """Render the conversation, stream the reply (final channel; analysis too if asked), return the final text."""
+    from .generate import generate_stream
+    from .harmony import render_prompt, stream_deltas
+
+    prompt = render_prompt(messages, reasoning_effort=args.reasoning_effort)
+    stops = set(model.generation_defaults.stop_tokens)
+    produced, final, shown = [], [], None
+
+    def tokens():
+        for tok in generate_stream(model, [prompt], **_sampling_kwargs(args)):
+            if int(tok[0]) in stops:
+                return
+            produced.append(int(tok[0]))
+            yield int(tok[0])
+
+    try:
+        for channel, delta in stream_deltas(tokens()):
+            if channel == "final":
+                final.append(delta)
+            if args.show_reasoning and channel != shown:
+                sys.stdout.write(f"\n[{channel}] ")
+                shown = channel
+            if args.show_reasoning or channel == "final":
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except Exception as e:  # openai-harmony rejects malformed output (e.g. an untrained model)
+        text = enc.decode(produced)
+        print(f"\n[the reply is not valid harmony ({e}); raw text follows]\n{text}", file=sys.stderr)
+        return text
+    sys.stdout.write("\n")
+    return "".join(final)
+
+
+def _cmd_generate(args):
+    from .generate import generate_stream
+    from .tokenizer import load_tokenizer
+
+    if not args.prompt:
+        sys.exit("gptoss-jax generate: error: the prompt is empty")
+    enc = load_tokenizer()
+    model = _load(args)
+    if args.raw:
+        ids = enc.encode(args.prompt, allowed_special="all")
+        _stream_text(enc, generate_stream(model, [ids], **_sampling_kwargs(args)),
+                     set(model.generation_defaults.stop_tokens))
+    else:
+        _assistant_turn(model, enc, [{"role": "user", "content": args.prompt}], args)
+
+
+def _cmd_chat(args):
+    from .tokenizer import load_tokenizer
+
+    enc = load_tokenizer()
+    model = _load(args)
+    messages = []
+    print("gpt-oss chat: type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("gpt-oss> ")
+        reply = _assistant_turn(model, enc, messages, args)
+        messages.append({"role": "assistant", "content": reply, "channel": "final"})
+
+
+def _add_run_options(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or Hugging Face id (default {DEFAULT_MODEL})")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default from the checkpoint (1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="default from the checkpoint (1.0)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    p.add_argument("--show-reasoning", action="store_true", help="also print the analysis channel")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-jax", description="gpt-oss in JAX: convert, run, inspect")
     sub = p.add_subparsers(dest="command", required=True)
@@ -68,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=_cmd_random)
+
+    g = sub.add_parser("generate", help="generate from a prompt (harmony chat format unless --raw), streamed")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="complete the prompt text as is, no chat format")
+    _add_run_options(g)
+    g.set_defaults(fn=_cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive multi-turn harmony chat")
+    _add_run_options(ch)
+    ch.set_defaults(fn=_cmd_chat)
 
     i = sub.add_parser("info", help="parameter count and bytes of a preset or a checkpoint's config")
     i.add_argument("model", help="gpt-oss-20b, gpt-oss-120b, or a folder / config.json")

@@ -31,7 +31,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 import openai_harmony as oh
 
@@ -405,3 +405,14 @@ def parse_completion(
             raise ValueError(f"malformed harmony completion: {e}") from e
         error = str(e)
     return ParsedCompletion([_from_harmony(m) for m in parser.messages], stop, error)
+
+
+def stream_deltas(tokens: Iterable[int], encodings_base: str | os.PathLike | None = None
+                  ) -> Iterator[tuple[str | None, str]]:
+    """Parse completion tokens as they arrive: yields (channel, text delta) for each piece of content."""
+    parser = oh.StreamableParser(load_harmony_encoding(encodings_base), oh.Role.ASSISTANT)
+    for tok in tokens:
+        parser.process(int(tok))
+        delta = parser.last_content_delta
+        if delta:
+            yield parser.current_channel, delta
