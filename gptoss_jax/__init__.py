@@ -1,9 +1,12 @@
 """gptoss-jax: OpenAI's gpt-oss-20b / gpt-oss-120b in JAX and Flax NNX."""
 
 from .api import load_model
-from .checkpoint import CheckpointError, convert, write_random_checkpoint
+from .checkpoint import CheckpointError, convert, save_checkpoint, write_random_checkpoint
 from .config import GptOssConfig, load_config, preset
+from .generate import GenerationResult, generate, generate_stream
 from .model import GptOss
+from .tokenizer import load_tokenizer
 
-__all__ = ["GptOss", "GptOssConfig", "CheckpointError", "convert", "load_config", "load_model", "preset",
+__all__ = ["GptOss", "GptOssConfig", "CheckpointError", "GenerationResult", "convert", "generate",
+           "generate_stream", "load_config", "load_model", "load_tokenizer", "preset", "save_checkpoint",
            "write_random_checkpoint"]

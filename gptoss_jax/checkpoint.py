@@ -93,6 +93,15 @@ class SafetensorsFile:
         return np.frombuffer(self._map(), dtype=ST_DTYPES[dtype], count=math.prod(shape),
                              offset=self.data_start + b).reshape(shape)
 
+    def release(self, name: str):
+        """Drop the tensor's pages from this process's resident memory (they re-read from the file
+        if touched again), so streaming a checkpoint keeps host memory near one tensor."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, b, t = self.entries[name]
+        start = (self.data_start + b) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._mm.madvise(mmap.MADV_DONTNEED, start, self.data_start + t - start)
+
     def close(self):
         if self._mm is not None:
             with contextlib.suppress(BufferError):
@@ -348,6 +357,8 @@ def iter_checkpoint_params(path: str, cfg: GptOssConfig, layout: str,
                 arrays = s.to_params(where[s.name].get(s.name))
                 for p, arr in zip(s.params, arrays):
                     yield p, arr
+                del arrays
+                where[s.name].release(s.name)
                 bar.update(math.prod(s.shape) * np.dtype(ST_DTYPES[s.dtype]).itemsize)
     finally:
         for st in set(where.values()):
