@@ -438,8 +438,16 @@ def _copy_side_files(src: str, dst: str, cfg: GptOssConfig):
         shutil.copy(gen, os.path.join(dst, "generation_config.json"))
 
 
+def _group(p: ParamPath) -> str:
+    """orbax item a parameter is saved in: one per transformer block, one for the rest."""
+    return f"block_{p[1]:03d}" if p[0] == "blocks" else "top"
+
+
 def convert(src: str, dst: str, *, overwrite: bool = False, progress: bool = True) -> str:
-    """Released checkpoint (local folder or Hub id) -> orbax folder, atomically."""
+    """Released checkpoint (local folder or Hub id) -> orbax folder, atomically.
+
+    Saved as one orbax item per transformer block (params/block_000, ...) plus params/top, so
+    host memory holds one block at a time, also for gpt-oss-120b."""
     import orbax.checkpoint as ocp
 
     src = resolve(src)
@@ -447,11 +455,22 @@ def convert(src: str, dst: str, *, overwrite: bool = False, progress: bool = Tru
     if layout == "orbax":
         raise CheckpointError(f"{src} is already a converted gptoss-jax checkpoint")
     cfg = load_config(src)
-    arrays = {flat_key(p): jnp.asarray(a) for p, a in iter_checkpoint_params(src, cfg, layout, progress)}
     with atomic_dir(dst, overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), arrays)
-        ckptr.wait_until_finished()
+        group, arrays = None, {}
+
+        def flush():
+            if arrays:
+                ckptr.save(os.path.join(tmp, "params", group), dict(arrays))
+                ckptr.wait_until_finished()
+                arrays.clear()
+
+        for p, a in iter_checkpoint_params(src, cfg, layout, progress):
+            if _group(p) != group:
+                flush()
+                group = _group(p)
+            arrays[flat_key(p)] = np.array(a)
+        flush()
         _copy_side_files(src, tmp, cfg)
         with open(os.path.join(tmp, ORBAX_MARKER), "w") as f:
             json.dump({"format": ORBAX_FORMAT, "source_layout": layout}, f)
@@ -467,16 +486,19 @@ def load_orbax_model(path: str, abstract_model, *, shardings=None):
         raise CheckpointError(f"{path}: unknown gptoss-jax format {marker.get('format')!r}")
     leaves = param_leaves(abstract_model)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {flat_key(p): jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                sharding=(shardings or {}).get(p, default))
-              for p, v in leaves.items()}
-    params_dir = os.path.join(path, "params")
-    if not os.path.isdir(params_dir):
-        raise CheckpointError(f"{path}: no params/ folder (interrupted conversion?)")
-    try:
-        restored = ocp.StandardCheckpointer().restore(params_dir, target)
-    except Exception as e:  # orbax raises several types for structure/shape mismatches
-        raise CheckpointError(f"{path}: cannot restore parameters: {e}") from e
+    targets: dict[str, dict] = {}
+    for p, v in leaves.items():
+        sharding = (shardings or {}).get(p, default)
+        targets.setdefault(_group(p), {})[flat_key(p)] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    ckptr, restored = ocp.StandardCheckpointer(), {}
+    for group, target in targets.items():
+        item = os.path.join(path, "params", group)
+        if not os.path.isdir(item):
+            raise CheckpointError(f"{path}: no params/{group} (interrupted or mismatched conversion?)")
+        try:
+            restored.update(ckptr.restore(item, target))
+        except Exception as e:  # orbax raises several types for structure/shape mismatches
+            raise CheckpointError(f"{path}: cannot restore params/{group}: {e}") from e
     return assemble(abstract_model, {p: restored[flat_key(p)] for p in leaves})
 
 
