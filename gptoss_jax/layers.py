@@ -88,27 +88,85 @@ def route(x_MD, w_DE, b_E, top_k):
     return jax.nn.softmax(vals_Mk.astype(jnp.float32), axis=-1).astype(x_MD.dtype), idx_Mk
 
 
-def _contract_last(lhs_MK, w_ENK, group_sizes_E):
-    """Grouped matmul x @ W_e^T with W in checkpoint [E, N, K] layout (no transposed copy)."""
-    dn = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
-    return jax.lax.ragged_dot_general(lhs_MK, w_ENK, group_sizes_E, dn, preferred_element_type=jnp.float32)
+# Rows per expert tile in the XLA MoE path: large enough to keep the matmuls efficient, small
+# enough that padding every expert's group to whole tiles (< one tile per expert) stays cheap.
+MOE_TILE_ROWS = 128
 
 
-def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig):
-    """Dropless MoE: sort the M*k (token, expert) rows by expert, two grouped matmuls on weights
-    dequantized inside the jit (this layer only), weighted sum back per token.
+def _expert_tiles(e_R, E, tile):
+    """Dispatch plan: rows sorted by expert, each expert's group padded to whole tiles.
 
-    When fewer rows than experts are routed (decode), only the routed experts' blocks are gathered
-    and dequantized instead of the whole layer.
+    e_R [R] expert per row (E = not routed here). Returns (order [R], padded slot of each sorted
+    row [R] (NT * tile for rows not routed here), expert of each tile [NT], tiles in use, NT)."""
+    R = e_R.shape[0]
+    order = jnp.argsort(e_R, stable=True)
+    e_sorted = e_R[order]
+    sizes = jnp.zeros((E,), jnp.int32).at[e_R].add(1, mode="drop")
+    tiles = (sizes + tile - 1) // tile
+    tile_end = jnp.cumsum(tiles)
+    group_start = jnp.cumsum(sizes) - sizes
+    NT = -(-R // tile) + E  # static bound on the tiles in use
+    e_c = jnp.minimum(e_sorted, E - 1)
+    rank = jnp.arange(R, dtype=jnp.int32) - group_start[e_c]
+    slot = jnp.where(e_sorted < E, (tile_end[e_c] - tiles[e_c]) * tile + rank, NT * tile)
+    tile_expert = jnp.searchsorted(tile_end, jnp.arange(NT, dtype=jnp.int32), side="right")
+    return order, slot, jnp.minimum(tile_expert, E - 1), tile_end[-1], NT
+
+
+def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
+    """Per-row expert outputs [R, D] (float32, before routing weights) by a scan over expert tiles:
+    each step dequantizes one expert's weights and runs both projections on its tile. Work and
+    memory follow the routed rows, never all experts densely, and the scan is differentiable."""
+    dtype = x_MD.dtype
+    D = x_MD.shape[1]
+    E = p["w1_blocks"].shape[0]
+    tile = MOE_TILE_ROWS
+    order, slot, tile_expert, n_tiles, NT = _expert_tiles(e_R, E, tile)
+    x_pad = jnp.zeros((NT * tile, D), dtype).at[slot].set(x_MD[order // k], mode="drop")
+
+    def run_tile(t):
+        e = tile_expert[t]
+        x_tD = jax.lax.dynamic_slice_in_dim(x_pad, t * tile, tile)
+        w1 = mxfp4.dequantize(p["w1_blocks"][e], p["w1_scales"][e], dtype)  # [2F, D]
+        h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=jnp.float32)
+        h = swiglu(h + p["b1"][e].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
+        w2 = mxfp4.dequantize(p["w2_blocks"][e], p["w2_scales"][e], dtype)  # [D, F]
+        return jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=jnp.float32) + p["b2"][e].astype(jnp.float32)
+
+    def step(_, t):
+        y = jax.lax.cond(t < n_tiles, run_tile, lambda t: jnp.zeros((tile, D), jnp.float32), t)
+        return None, y
+
+    _, y_tiles = jax.lax.scan(step, None, jnp.arange(NT, dtype=jnp.int32))
+    y_sorted = y_tiles.reshape(NT * tile, D).at[slot].get(mode="fill", fill_value=0.0)
+    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
+def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None):
+    """Dropless MoE on the XLA path: the M*k (token, expert) rows go through their experts, whose
+    MXFP4 weights are dequantized inside the jit one expert at a time, then are summed back per
+    token with the routing weights.
+
+    Fewer rows than experts (decode): the routed experts' blocks are gathered and dequantized per
+    row. Otherwise rows are sorted into per-expert tiles and a scan runs one tile per step.
+
+    Expert parallelism: `p` may hold a slice of E_local consecutive experts starting at global id
+    `expert_offset` (a traced scalar is fine); rows routed elsewhere then contribute exactly zero, so
+    summing the results over all slices gives the full layer.
     """
     dtype = x_MD.dtype
     M, D = x_MD.shape
     k = idx_Mk.shape[1]
-    E = cfg.num_local_experts
+    E = p["w1_blocks"].shape[0]  # experts held here (all of them unless sliced)
     alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
     e_R = idx_Mk.reshape(-1)  # R = M * k routed rows, token-major
+    local_R = None
+    if expert_offset is not None or E != cfg.num_local_experts:
+        e_R = e_R - (0 if expert_offset is None else expert_offset)
+        local_R = (e_R >= 0) & (e_R < E)
+        e_R = jnp.where(local_R, e_R, E)  # E: a group past the last one, sorted to the end
     if M * k < E:
+        e_R = jnp.minimum(e_R, E - 1)  # rows of other slices compute on any local expert, masked below
         w1 = mxfp4.dequantize(p["w1_blocks"][e_R], p["w1_scales"][e_R], dtype)  # [R, 2F, D]
         w2 = mxfp4.dequantize(p["w2_blocks"][e_R], p["w2_scales"][e_R], dtype)  # [R, D, F]
         x_RD = jnp.repeat(x_MD, k, axis=0)
@@ -117,16 +175,9 @@ def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig):
         y_RD = jnp.einsum("RF,RDF->RD", h, w2, preferred_element_type=jnp.float32)
         y_RD = y_RD + p["b2"][e_R].astype(jnp.float32)
     else:
-        order = jnp.argsort(e_R, stable=True)
-        e_sorted = e_R[order]
-        x_RD = x_MD[order // k]
-        group_sizes = jnp.bincount(e_R, length=E).astype(jnp.int32)
-        w1 = mxfp4.dequantize(p["w1_blocks"], p["w1_scales"], dtype)  # [E, 2F, D]
-        h = _contract_last(x_RD, w1, group_sizes) + p["b1"][e_sorted].astype(jnp.float32)
-        h = swiglu(h, alpha, limit).astype(dtype)
-        w2 = mxfp4.dequantize(p["w2_blocks"], p["w2_scales"], dtype)  # [E, D, F]
-        y_sorted = _contract_last(h, w2, group_sizes) + p["b2"][e_sorted].astype(jnp.float32)
-        y_RD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+        y_RD = _experts_tiled(x_MD, e_R, k, p, cfg)
+    if local_R is not None:
+        y_RD = jnp.where(local_R[:, None], y_RD, 0.0)  # where, not *: rows past the groups are undefined
     y_MkD = y_RD.reshape(M, k, D) * weights_Mk.astype(jnp.float32)[..., None]
     return jnp.sum(y_MkD, axis=1).astype(dtype)
 
@@ -140,6 +191,27 @@ def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig):
 # ---------------------------------------------------------------------------------------------
 # NNX modules
 # ---------------------------------------------------------------------------------------------
+def lora_delta(module, name, x):
+    """LoRA term (x A) B * scale of projection `name` (gptoss_jax.lora); 0 when it has no adapter.
+
+    A [*in, r] contracts the projection's input axes, B [r, *out] gives its output axes."""
+    a = getattr(module, f"lora_{name}_a", None)
+    if a is None:
+        return 0
+    dt = x.dtype
+    a = a[...].astype(dt)
+    h = jnp.tensordot(x, a, axes=a.ndim - 1)
+    b = getattr(module, f"lora_{name}_b")[...].astype(dt)
+    return jnp.tensordot(h, b, axes=1) * jnp.asarray(module.lora_scale, dt)
+
+
+def lora_weight(module, name, w):
+    """W + scale * A B (float32) for a small projection adapted by LoRA (the router)."""
+    a, b = getattr(module, f"lora_{name}_a")[...], getattr(module, f"lora_{name}_b")[...]
+    return (w.astype(jnp.float32) + module.lora_scale * jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32),
+                                                                   axes=1)).astype(w.dtype)
+
+
 def _normal(rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -165,11 +237,14 @@ class Attention(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt)) + self.bq_NH[...].astype(dt)
         k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt)) + self.bk_KH[...].astype(dt)
         v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt)) + self.bv_KH[...].astype(dt)
+        q, k, v = (q + lora_delta(self, "q", x_BTD), k + lora_delta(self, "k", x_BTD),
+                   v + lora_delta(self, "v", x_BTD))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o_BTNH):
         dt = o_BTNH.dtype
-        return jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...].astype(dt)) + self.bo_D[...].astype(dt)
+        return (jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...].astype(dt)) + self.bo_D[...].astype(dt)
+                + lora_delta(self, "o", o_BTNH))
 
 
 class MoE(nnx.Module):
@@ -198,6 +273,13 @@ class MoE(nnx.Module):
     def __call__(self, x_BTD, kernels: str = "xla"):
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
-        weights_Mk, idx_Mk = route(x_MD, self.wr_DE[...], self.br_E[...], self.cfg.num_experts_per_tok)
+        wr_DE = self.wr_DE[...]
+        if getattr(self, "lora_router_a", None) is not None:
+            wr_DE = lora_weight(self, "router", wr_DE)
+        weights_Mk, idx_Mk = route(x_MD, wr_DE, self.br_E[...], self.cfg.num_experts_per_tok)
         run = experts_pallas if kernels == "pallas" else experts_xla
+        if getattr(self, "mesh", None) is not None:  # expert parallelism (set by sharding.attach)
+            from .sharding import experts_sharded
+            return experts_sharded(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg, self.mesh,
+                                   self.sharding_rules, run).reshape(B, T, D)
         return run(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg).reshape(B, T, D)
