@@ -261,14 +261,13 @@ def release_shards(cfg: GptOssConfig, layout: str, specs: list[TensorSpec],
     if num_shards == 1:
         return [("model.safetensors", specs)]
     sizes = [math.prod(s.shape) * np.dtype(ST_DTYPES[s.dtype]).itemsize for s in specs]
-    total, target = sum(sizes), sum(sizes) / num_shards
+    target = sum(sizes) / num_shards
     shards, cur, acc = [[] for _ in range(num_shards)], 0, 0
     for s, n in zip(specs, sizes):
         if acc >= target * (cur + 1) and cur < num_shards - 1 and shards[cur]:
             cur += 1
         shards[cur].append(s)
         acc += n
-    del total
     shards = [s for s in shards if s]
     n = len(shards)
     if layout == "hf":
@@ -400,7 +399,11 @@ def load_safetensors_model(path: str, abstract_model, layout: str, *, shardings=
         if host.shape != tuple(want.shape):
             raise CheckpointError(f"{path}: parameter {flat_key(p)} has shape {host.shape}, expected {want.shape}")
         sharding = shardings.get(p) if shardings else None
-        arrays[p] = jax.device_put(np.asarray(host, dtype=want.dtype), sharding)
+        if sharding is None:
+            arrays[p] = jax.device_put(np.asarray(host, dtype=want.dtype))
+        else:  # straight into shards: each process copies only its devices' slices of the mmap view
+            arrays[p] = jax.make_array_from_callback(
+                tuple(want.shape), sharding, lambda idx, h=host, dt=want.dtype: np.asarray(h[idx], dtype=dt))
     return assemble(abstract_model, arrays)
 
 
@@ -582,6 +585,17 @@ def save_checkpoint(model, dst: str, *, layout: str = "hf", num_shards: int | No
                              progress=progress, desc="writing checkpoint")
 
 
+def _generation_config(cfg: GptOssConfig) -> dict:
+    """As released for the o200k_harmony vocabulary (stop on <|return|>, <|endoftext|>, <|call|>);
+    a test vocabulary of another size stops on its own eos only."""
+    from . import tokenizer
+
+    if cfg.vocab_size == tokenizer.VOCAB_SIZE:
+        return {"bos_token_id": tokenizer.STARTOFTEXT, "do_sample": True,
+                "eos_token_id": list(tokenizer.DEFAULT_STOP_TOKEN_IDS), "pad_token_id": cfg.pad_token_id}
+    return {"do_sample": True, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+
+
 def _write_checkpoint(cfg: GptOssConfig, dst: str, layout: str, produce: Callable[[TensorSpec], np.ndarray], *,
                       num_shards, overwrite, progress, desc, sparse=False) -> str:
     specs = tensor_specs(cfg, layout)
@@ -605,9 +619,6 @@ def _write_checkpoint(cfg: GptOssConfig, dst: str, layout: str, produce: Callabl
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf_dict() if layout == "hf" else cfg.to_original_dict(), f, indent=2)
         if layout == "hf":
-            eos = cfg.eos_token_id
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({"bos_token_id": 199998, "do_sample": True,
-                           "eos_token_id": [200002, 199999, 200012] if eos == 200002 else eos,
-                           "pad_token_id": cfg.pad_token_id}, f, indent=2)
+                json.dump(_generation_config(cfg), f, indent=2)
     return dst

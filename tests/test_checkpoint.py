@@ -46,6 +46,9 @@ def test_random_release_layout_equals_reference(name, layout, files, tmp_path):
     assert {k: ours.get(k) for k in theirs if k != "transformers_version"} == \
         {k: v for k, v in theirs.items() if k != "transformers_version"}
     if layout == "hf":
+        with open(os.path.join(dst, "generation_config.json")) as f, \
+                open(os.path.join(ref_dir, "generation_config.json")) as g:
+            assert json.load(f) == json.load(g)
         with open(os.path.join(dst, HF_INDEX)) as f:
             index = json.load(f)
         assert set(index["weight_map"]) == set(ref["tensors"]) and set(index["weight_map"].values()) == set(files)
