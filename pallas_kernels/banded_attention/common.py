@@ -1,0 +1,96 @@
+"""Backend-independent pieces: decode combine (split partials + new tokens + sink) and the
+flash-style backward used by the custom_vjp (recomputes probabilities from the saved lse)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def combine_partials(q, k_new, v_new, sinks, acc, m, l, block_q, *, window, sm_scale):
+  """Merge the cache partials (acc [B,K,P,R,H], m/l [B,K,P,R], rows r = t*G+g, t < block_q),
+  the attention of the T new tokens to each other (causal, within the window) and the sink.
+  Returns [B,T,N,H] in q.dtype."""
+  B, T, N, H = q.shape
+  K = k_new.shape[2]
+  G = N // K
+  P = acc.shape[2]
+  acc = acc.reshape(B, K, P, block_q, G, H)[:, :, :, :T]
+  m = m.reshape(B, K, P, block_q, G)[:, :, :, :T]
+  l = l.reshape(B, K, P, block_q, G)[:, :, :, :T]
+  # new tokens (tiny: T x T per head)
+  q5 = q.reshape(B, T, K, G, H)
+  s = jnp.einsum("btkgh,bukh->bktgu", q5, k_new,
+                 preferred_element_type=jnp.float32) * sm_scale
+  t = jnp.arange(T)
+  vis = t[None, :] <= t[:, None]
+  if window is not None:
+    vis &= t[None, :] > t[:, None] - window
+  s = jnp.where(vis[None, None, :, None, :], s, -jnp.inf)
+  m_n = jnp.max(s, axis=-1)  # always finite: the diagonal is visible
+  p_n = jnp.exp(s - m_n[..., None])
+  l_n = jnp.sum(p_n, axis=-1)
+  acc_n = jnp.einsum("bktgu,bukh->bktgh", p_n.astype(v_new.dtype), v_new,
+                     preferred_element_type=jnp.float32)
+  sink = jnp.asarray(sinks, jnp.float32).reshape(1, K, 1, G)
+  M = jnp.maximum(jnp.max(m, axis=2), m_n)
+  M = jnp.maximum(M, sink)
+  w = jnp.exp(m - M[:, :, None])  # [B,K,P,T,G]
+  w_n = jnp.exp(m_n - M)
+  den = jnp.exp(sink - M) + jnp.sum(w * l, axis=2) + w_n * l_n
+  num = jnp.sum(w[..., None] * acc, axis=2) + w_n[..., None] * acc_n
+  o = num / den[..., None]  # [B,K,T,G,H]
+  return jnp.transpose(o, (0, 2, 1, 3, 4)).reshape(B, T, N, H).astype(q.dtype)
+
+
+def _visibility(B, T, S, q_offset, kv_len, window):
+  qpos = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]  # [B,T]
+  kpos = jnp.arange(S, dtype=jnp.int32)
+  vis = (kpos[None, None] <= qpos[:, :, None]) & (kpos[None, None] < kv_len[:, None, None])
+  if window is not None:
+    vis &= kpos[None, None] > qpos[:, :, None] - window
+  return vis  # [B,T,S]
+
+
+def sink_grad(sinks, out, lse, do):
+  """d sink_n = -sum_{b,t} p_sink[b,t,n] * delta[b,t,n], p_sink = exp(sink_n - lse),
+  delta = rowsum(dO * O). (The sink is a softmax column whose value vector is zero.)"""
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  sink = jnp.asarray(sinks, jnp.float32)
+  p_sink = jnp.where(jnp.isfinite(lse), jnp.exp(sink[None, None] - lse), 0.0)
+  return (-jnp.sum(p_sink * delta, axis=(0, 1))).astype(jnp.asarray(sinks).dtype)
+
+
+def backward_from_lse(q, k, v, sinks, out, lse, do, q_offset, kv_len, *, window, sm_scale,
+                      q_chunk=512):
+  """Gradients (dq, dk, dv, dsinks) from the saved forward output and lse (natural log, incl.
+  the sink), FlashAttention-2 style: P = exp(S - lse), dP = dO V^T, dS = P (dP - delta),
+  delta = rowsum(dO * O). The sink is a softmax column with a zero value vector, so
+  d sink_n = -sum_{b,t} p_sink[b,t,n] * delta[b,t,n] with p_sink = exp(sink_n - lse).
+
+  Computed in f32 jnp, chunked over queries (memory O(q_chunk * S * N) instead of O(T*S*N)).
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  f32 = jnp.float32
+  kf, vf = k.astype(f32), v.astype(f32)
+  delta = jnp.sum(do.astype(f32) * out.astype(f32), axis=-1)  # [B,T,N]
+  dsinks = sink_grad(sinks, out, lse, do)
+  dq_chunks, dk, dv = [], jnp.zeros((B, S, K, H), f32), jnp.zeros((B, S, K, H), f32)
+  for c0 in range(0, T, q_chunk):
+    c1 = min(T, c0 + q_chunk)
+    qc = q[:, c0:c1].astype(f32).reshape(B, c1 - c0, K, G, H)
+    doc = do[:, c0:c1].astype(f32).reshape(B, c1 - c0, K, G, H)
+    lc = lse[:, c0:c1].reshape(B, c1 - c0, K, G)
+    dc = delta[:, c0:c1].reshape(B, c1 - c0, K, G)
+    vis = _visibility(B, c1 - c0, S, q_offset + c0, kv_len, window)
+    s = jnp.einsum("btkgh,bskh->btkgs", qc, kf, precision="highest") * sm_scale
+    p = jnp.where(vis[:, :, None, None], jnp.exp(s - jnp.where(jnp.isfinite(lc), lc, 0.0)[..., None]),
+                  0.0)
+    dv += jnp.einsum("btkgs,btkgh->bskh", p, doc, precision="highest")
+    dp = jnp.einsum("btkgh,bskh->btkgs", doc, vf, precision="highest")
+    ds = p * (dp - dc[..., None]) * sm_scale
+    dq_chunks.append(jnp.einsum("btkgs,bskh->btkgh", ds, kf, precision="highest"))
+    dk += jnp.einsum("btkgs,btkgh->bskh", ds, qc, precision="highest")
+  dq = jnp.concatenate(dq_chunks, axis=1).reshape(B, T, N, H)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dsinks

@@ -1,0 +1,149 @@
+"""Dispatch by backend and `jax.custom_vjp` (gradients w.r.t. x, bias and row weights)."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import common, layout, reference
+
+IMPLS = ("auto", "triton", "mosaic", "interpret", "interpret-triton", "reference")
+
+
+class _Cfg(NamedTuple):
+  impl: str
+  epilogue: str | None
+  alpha: float
+  limit: float
+  out_dtype: str
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  if backend in ("gpu", "cuda"):
+    return "triton"
+  if backend == "tpu":
+    return "mosaic"
+  return "interpret"
+
+
+def _dense(w: layout.MXFP4GmmWeights, dtype):
+  return layout.dequantize_prepared(w, dtype)  # [E, S, N, K]
+
+
+def _linear_parts(x, w, group_sizes, bias):
+  """Pre-epilogue f32 outputs per split via dequantize + ragged_dot (reference math)."""
+  wd = _dense(w, x.dtype)
+  prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  return [reference.linear_reference(x, wd[:, s], group_sizes, None if bias is None else bias[:, s], prec)
+          for s in range(w.splits)], wd
+
+
+def _epilogue_fn(cfg: _Cfg):
+  def f(zs, rw):
+    return common.apply_epilogue(zs, [None] * len(zs), None if rw is None else rw[:, None],
+                                 cfg.epilogue, cfg.alpha, cfg.limit)
+  return f
+
+
+def _forward(cfg: _Cfg, x, w, group_sizes, bias, row_weights):
+  out_dtype = jnp.dtype(cfg.out_dtype)
+  kw = dict(epilogue=cfg.epilogue, alpha=cfg.alpha, limit=cfg.limit, out_dtype=out_dtype)
+  if cfg.impl == "triton":
+    from .triton import gmm_triton
+    return gmm_triton(x, w, group_sizes, bias, row_weights, **kw)
+  if cfg.impl == "interpret-triton":
+    from .triton import gmm_triton
+    return gmm_triton(x, w, group_sizes, bias, row_weights, interpret=True, **kw)
+  if cfg.impl in ("mosaic", "interpret"):
+    from .tpu import gmm_tpu
+    return gmm_tpu(x, w, group_sizes, bias, row_weights, interpret=cfg.impl == "interpret", **kw)
+  zs, _ = _linear_parts(x, w, group_sizes, bias)
+  rw = None if row_weights is None else row_weights.astype(jnp.float32)
+  return _epilogue_fn(cfg)(zs, rw).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm(cfg, x, w, group_sizes, bias, row_weights):
+  return _forward(cfg, x, w, group_sizes, bias, row_weights)
+
+
+def _gmm_fwd(cfg, x, w, group_sizes, bias, row_weights):
+  return _forward(cfg, x, w, group_sizes, bias, row_weights), (x, w, group_sizes, bias, row_weights)
+
+
+def _zeros_like_int(a):
+  return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
+def _gmm_bwd(cfg, res, dy):
+  """Backward on dequantized weights (recomputes the pre-epilogue activations, no kernel)."""
+  x, w, group_sizes, bias, row_weights = res
+  m = x.shape[0]
+  e = w.num_experts
+  zs, wd = _linear_parts(x, w, group_sizes, bias)
+  rw = None if row_weights is None else row_weights.astype(jnp.float32)
+  _, vjp = jax.vjp(_epilogue_fn(cfg), zs, rw)
+  dzs, drw = vjp(dy.astype(jnp.float32))
+  gs = group_sizes.astype(jnp.int32)
+  gid = reference.row_group_ids(gs, m)
+  valid = (gid < e)[:, None]
+  dx = jnp.zeros(x.shape, jnp.float32)
+  prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  for s, dz in enumerate(dzs):
+    dz = jnp.where(valid, dz, 0.0)
+    dzs[s] = dz
+    dx = dx + jax.lax.ragged_dot(dz.astype(x.dtype), wd[:, s], gs, precision=prec,
+                                 preferred_element_type=jnp.float32)
+  dbias = None
+  if bias is not None:
+    db = jnp.stack([jax.ops.segment_sum(dz, gid, num_segments=e + 1)[:e] for dz in dzs], axis=1)
+    dbias = db.astype(bias.dtype)
+  if row_weights is not None:
+    drw = drw.astype(row_weights.dtype)
+  dw = jax.tree.map(_zeros_like_int, w)
+  return dx.astype(x.dtype), dw, _zeros_like_int(group_sizes), dbias, drw
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(x, w: layout.MXFP4GmmWeights, group_sizes, *, bias=None, epilogue=None, swiglu_alpha=None,
+        swiglu_limit=None, row_weights=None, out_dtype=None, impl: str = "auto"):
+  """Grouped MXFP4 matmul, see the package docstring."""
+  if not isinstance(w, layout.MXFP4GmmWeights):
+    raise TypeError("w must come from mxfp4_gmm.prepare(...)")
+  if x.ndim != 2 or x.shape[1] != w.k:
+    raise ValueError(f"x must be [M, {w.k}], got {x.shape}")
+  if x.dtype not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"x must be bf16 or f32, got {x.dtype}")
+  if group_sizes.shape != (w.num_experts,):
+    raise ValueError(f"group_sizes must be [{w.num_experts}], got {group_sizes.shape}")
+  if epilogue not in (None, "swiglu"):
+    raise ValueError(f"unknown epilogue {epilogue!r}")
+  if (epilogue == "swiglu") != (w.splits == 2):
+    raise ValueError("epilogue='swiglu' needs weights prepared with interleaved_glu=True and vice versa")
+  if epilogue == "swiglu":
+    if swiglu_alpha is None or swiglu_limit is None:
+      raise ValueError("swiglu needs swiglu_alpha and swiglu_limit")
+    alpha, limit = float(swiglu_alpha), float(swiglu_limit)
+  else:
+    alpha, limit = 1.0, 0.0
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if bias.ndim == 2:  # checkpoint layout [E, N_ckpt]
+      bias = layout.prepare_bias(bias, interleaved_glu=w.splits == 2)
+    if bias.shape != (w.num_experts, w.splits, w.n):
+      raise ValueError(f"bias must be [E, {w.splits * w.n}] or [E, {w.splits}, {w.n}], got {bias.shape}")
+  if row_weights is not None and row_weights.shape != (x.shape[0],):
+    raise ValueError(f"row_weights must be [{x.shape[0]}], got {row_weights.shape}")
+  cfg = _Cfg(resolve_impl(impl), epilogue, alpha, limit, jnp.dtype(out_dtype or x.dtype).name)
+  return _gmm(cfg, x, w, group_sizes.astype(jnp.int32), bias, row_weights)
