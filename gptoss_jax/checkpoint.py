@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import mmap
@@ -578,8 +579,15 @@ def save_checkpoint(model, dst: str, *, layout: str = "hf", num_shards: int | No
     (bf16, MXFP4 packed). The result loads in `load_model`, transformers and OpenAI's reference."""
     leaves = param_leaves(model)
 
+    @functools.lru_cache(maxsize=1)
+    def experts_back(layer: int) -> dict:  # experts held in the Pallas kernel layout: back, layer by layer
+        return model.blocks[layer].mlp.checkpoint_expert_weights()
+
+    def leaf(p: ParamPath):
+        return leaves[p] if p in leaves else experts_back(p[1])[p[-1]]
+
     def produce(s: TensorSpec):
-        return s.from_params(*(np.asarray(jax.device_get(leaves[p])) for p in s.params))
+        return s.from_params(*(np.asarray(jax.device_get(leaf(p))) for p in s.params))
 
     return _write_checkpoint(model.config, dst, layout, produce, num_shards=num_shards, overwrite=overwrite,
                              progress=progress, desc="writing checkpoint")

@@ -88,6 +88,9 @@ def _step(model: GptOss, cache, tok_B, done_B, key, i, s: Sampling):
 def _prefill_first(graphdef, state, ids_BT, n_new_B, last_B, max_len: int):
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.config, ids_BT.shape[0], max_len, model.dtype)
+    if getattr(model, "mesh", None) is not None:
+        from .sharding import constrain_cache
+        cache = constrain_cache(cache, model.mesh, model.sharding_rules)
     return model.forward_cached(ids_BT, cache, n_new_B, cache_empty=True, logits_at_B=last_B)
 
 

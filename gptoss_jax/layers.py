@@ -7,6 +7,8 @@ The functions are pure jnp (the XLA path); the Pallas kernels plug in where `ker
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -182,10 +184,38 @@ def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=No
     return jnp.sum(y_MkD, axis=1).astype(dtype)
 
 
-def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig):
-    raise NotImplementedError(
-        "kernels='pallas' needs the Pallas MXFP4 grouped-matmul kernel (pallas_kernels.mxfp4_gmm), "
-        "which is not available in this build; use kernels='xla'")
+def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None, *,
+                   normal_scales: bool = False):
+    """Dropless MoE through the Pallas MXFP4 grouped matmul (pallas_kernels.mxfp4_gmm): rows sorted
+    by expert, gate/up with the fused bias + clamped SwiGLU, down with the fused bias + routing
+    weight, then summed back per token. `p` holds the kernel layout (`MoE.to_kernel_layout`).
+
+    Expert parallelism as in `experts_xla`: rows routed outside the local slice sort past the last
+    group, where the kernel writes exact zeros."""
+    from pallas_kernels import mxfp4_gmm
+
+    dtype = x_MD.dtype
+    M, D = x_MD.shape
+    k = idx_Mk.shape[1]
+    E, F = p["w1_q"].shape[0], cfg.intermediate_size
+    w1 = mxfp4_gmm.MXFP4GmmWeights(p["w1_q"], p["w1_s"], k=D, n=F, normal_scales=normal_scales)
+    w2 = mxfp4_gmm.MXFP4GmmWeights(p["w2_q"], p["w2_s"], k=F, n=D, normal_scales=normal_scales)
+    e_R = idx_Mk.reshape(-1)
+    if expert_offset is not None or E != cfg.num_local_experts:
+        e_R = e_R - (0 if expert_offset is None else expert_offset)
+        e_R = jnp.where((e_R >= 0) & (e_R < E), e_R, E)
+    order = jnp.argsort(e_R, stable=True)
+    sizes = jnp.zeros((E,), jnp.int32).at[e_R].add(1, mode="drop")
+    token = order // k
+    h = mxfp4_gmm.gmm(x_MD[token], w1, sizes, bias=p["b1"], epilogue="swiglu", swiglu_alpha=cfg.swiglu_alpha,
+                      swiglu_limit=cfg.swiglu_limit)
+    y = mxfp4_gmm.gmm(h, w2, sizes, bias=p["b2"], row_weights=weights_Mk.reshape(-1)[order],
+                      out_dtype=jnp.float32)
+    return jnp.zeros((M, D), jnp.float32).at[token].add(y).astype(dtype)
+
+
+CHECKPOINT_EXPERT_WEIGHTS = ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales")
+KERNEL_EXPERT_WEIGHTS = ("w1_q", "w1_s", "w2_q", "w2_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,9 +296,48 @@ class MoE(nnx.Module):
         self.b1 = nnx.Param(jnp.zeros((E, 2 * F), param_dtype))
         self.b2 = nnx.Param(jnp.zeros((E, D), param_dtype))
 
+    kernel_layout = False  # True after to_kernel_layout (class default: the checkpoint layout)
+    normal_scales = False
+
     def expert_params(self):
-        return {name: getattr(self, name)[...] for name in
-                ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales", "b1", "b2")}
+        names = KERNEL_EXPERT_WEIGHTS if self.kernel_layout else CHECKPOINT_EXPERT_WEIGHTS
+        return {name: getattr(self, name)[...] for name in names + ("b1", "b2")}
+
+    def to_kernel_layout(self, shardings=None):
+        """One-time re-layout of the packed experts for the Pallas kernel, in place: the same bytes
+        as int32 words with gate/up de-interleaved and K padded to 128 (pallas_kernels/mxfp4_gmm/
+        layout.py). The checkpoint-layout arrays are dropped, so memory does not double.
+        `shardings`: name -> Sharding for the new arrays (expert-parallel placement)."""
+        from pallas_kernels import mxfp4_gmm
+
+        if self.kernel_layout:
+            return
+        lo, hi = mxfp4_gmm.layout.FAST_SCALE_MIN, mxfp4_gmm.layout.FAST_SCALE_MAX
+        normal = bool(all(jnp.all((s >= lo) & (s <= hi)) for s in (self.w1_scales[...], self.w2_scales[...])))
+        for w, glu in (("w1", True), ("w2", False)):
+            def prep(b, s, glu=glu):
+                pw = mxfp4_gmm.prepare(b, s, interleaved_glu=glu, assume_normal_scales=normal)
+                return pw.wq, pw.ws
+            out_sh = None if shardings is None else (shardings[f"{w}_q"], shardings[f"{w}_s"])
+            wq, ws = jax.jit(prep, out_shardings=out_sh)(getattr(self, f"{w}_blocks")[...],
+                                                         getattr(self, f"{w}_scales")[...])
+            delattr(self, f"{w}_blocks")
+            delattr(self, f"{w}_scales")
+            setattr(self, f"{w}_q", PackedParam(wq))
+            setattr(self, f"{w}_s", PackedParam(ws))
+        self.kernel_layout, self.normal_scales = True, normal
+
+    def checkpoint_expert_weights(self) -> dict:
+        """The four MXFP4 tensors in checkpoint layout (blocks / scales), whichever layout is held."""
+        if not self.kernel_layout:
+            return {n: getattr(self, n)[...] for n in CHECKPOINT_EXPERT_WEIGHTS}
+        from pallas_kernels import mxfp4_gmm
+
+        cfg, out = self.cfg, {}
+        for w, k, n in (("w1", cfg.hidden_size, cfg.intermediate_size), ("w2", cfg.intermediate_size, cfg.hidden_size)):
+            pw = mxfp4_gmm.MXFP4GmmWeights(getattr(self, f"{w}_q")[...], getattr(self, f"{w}_s")[...], k=k, n=n)
+            out[f"{w}_blocks"], out[f"{w}_scales"] = jax.jit(mxfp4_gmm.unprepare)(pw)
+        return out
 
     def __call__(self, x_BTD, kernels: str = "xla"):
         B, T, D = x_BTD.shape
@@ -277,7 +346,15 @@ class MoE(nnx.Module):
         if getattr(self, "lora_router_a", None) is not None:
             wr_DE = lora_weight(self, "router", wr_DE)
         weights_Mk, idx_Mk = route(x_MD, wr_DE, self.br_E[...], self.cfg.num_experts_per_tok)
-        run = experts_pallas if kernels == "pallas" else experts_xla
+        if kernels == "pallas":
+            if not self.kernel_layout:
+                raise ValueError("kernels='pallas' needs the experts in kernel layout: load with "
+                                 "load_model(..., kernels='pallas') or call model.to_kernel_layout()")
+            run = functools.partial(experts_pallas, normal_scales=self.normal_scales)
+        else:
+            if self.kernel_layout:
+                raise ValueError("this model holds its experts in the Pallas kernel layout; use kernels='pallas'")
+            run = experts_xla
         if getattr(self, "mesh", None) is not None:  # expert parallelism (set by sharding.attach)
             from .sharding import experts_sharded
             return experts_sharded(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg, self.mesh,

@@ -130,11 +130,15 @@ class GptOss(nnx.Module):
     def forward(self, input_ids_BT, positions_BT=None):
         """Full causal forward over the given tokens, no cache."""
         B, T = input_ids_BT.shape
+        default_positions = positions_BT is None  # the kernel takes positions 0..T-1 (any others: XLA)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
         def attend(i, q, k, v):
             a = self.blocks[i].attn
+            if self.kernels == "pallas" and default_positions:
+                return self._pallas_attention("attention", q, k, v, a.sinks_N[...], window=a.window,
+                                              sm_scale=a.sm_scale)
             mask = visible_mask(positions_BT, positions_BT, a.window)
             return attention_xla(q, k, v, a.sinks_N[...], mask, sm_scale=a.sm_scale)
 
@@ -157,6 +161,15 @@ class GptOss(nnx.Module):
         def attend(i, q, k, v):
             a = self.blocks[i].attn
             ck, cv = cache.k[i], cache.v[i]
+            new_k.append(cache.write(ck, k, n_new_B))
+            new_v.append(cache.write(cv, v, n_new_B))
+            if self.kernels == "pallas":  # cache contract: pallas_kernels/banded_attention/README.md
+                if cache_empty:
+                    return self._pallas_attention("prefill_attention", q, k, v, a.sinks_N[...], n_new_B,
+                                                  window=a.window, sm_scale=a.sm_scale)
+                return self._pallas_attention("decode_attention", q, k.astype(ck.dtype), v.astype(cv.dtype),
+                                              ck, cv, a.sinks_N[...], cache.lengths, window=a.window,
+                                              sm_scale=a.sm_scale)
             if cache_empty:
                 keys, vals, k_pos, k_valid = k, v, positions_BT, new_valid_BT
             else:
@@ -166,8 +179,6 @@ class GptOss(nnx.Module):
                 k_pos = jnp.concatenate([slot_pos, positions_BT], axis=1)
                 k_valid = jnp.concatenate([slot_pos >= 0, new_valid_BT], axis=1)
             mask = visible_mask(positions_BT, k_pos, a.window, k_valid)
-            new_k.append(cache.write(ck, k, n_new_B))
-            new_v.append(cache.write(cv, v, n_new_B))
             return attention_xla(q, keys, vals, a.sinks_N[...], mask, sm_scale=a.sm_scale)
 
         x = self._trunk(input_ids_BT, positions_BT, attend)
@@ -176,12 +187,48 @@ class GptOss(nnx.Module):
             logits = self.unembed(x)[:, 0]
         else:
             logits = self.unembed(x)
-        return logits, cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new_B)
+        cache = cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new_B)
+        if getattr(self, "mesh", None) is not None:  # sharded: B over data, K over model (sharding.py)
+            from .sharding import constrain_cache
+            cache = constrain_cache(cache, self.mesh, self.sharding_rules)
+        return logits, cache
+
+    def _pallas_attention(self, fn: str, *args, **kw):
+        """pallas_kernels.banded_attention.`fn`; on a mesh inside shard_map (heads over `model`,
+        rows over `data`), since a Pallas call cannot be partitioned automatically."""
+        from pallas_kernels import banded_attention
+
+        if fn == "prefill_attention":  # empty cache: the chunk alone, n valid keys per row
+            f = lambda q, k, v, sinks, n: banded_attention.attention(q, k, v, sinks, kv_len=n, **kw)  # noqa: E731
+        else:
+            f = functools.partial(getattr(banded_attention, fn), **kw)
+        if getattr(self, "mesh", None) is None:
+            return f(*args)
+        from .sharding import attention_sharded
+        return attention_sharded(f, args, self.mesh, self.sharding_rules)
+
+    def to_kernel_layout(self):
+        """Re-lay the MXFP4 experts of every layer for the Pallas kernel (see MoE.to_kernel_layout),
+        keeping the expert-parallel placement on a mesh."""
+        from .layers import KERNEL_EXPERT_WEIGHTS
+
+        mesh = getattr(self, "mesh", None)
+        for block in self.blocks:
+            shardings = None
+            if mesh is not None:
+                from .sharding import expert_sharding
+                shardings = {n: expert_sharding(mesh, self.sharding_rules, self.config.num_local_experts)
+                             for n in KERNEL_EXPERT_WEIGHTS}
+            block.mlp.to_kernel_layout(shardings)
+        return self
 
     def __call__(self, input_ids_BT, positions_BT=None):
         if isinstance(input_ids_BT, jax.core.Tracer):
             return self.forward(input_ids_BT, positions_BT)
         ids = check_token_ids(input_ids_BT, self.config.vocab_size)
+        if getattr(self, "mesh", None) is not None:  # the same host ids on every process -> global array
+            from .sharding import shard_batch
+            ids = shard_batch(np.asarray(ids), self.mesh, self.sharding_rules)
         graphdef, state = nnx.split(self)
         return _jitted_forward(graphdef)(state, ids, positions_BT)
 

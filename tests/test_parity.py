@@ -58,6 +58,24 @@ def test_original_layout_matches_both_references(case, tmp_path):
     assert rel_err(ours, theirs) <= TOL
 
 
+def test_pallas_kernels_match_transformers(case, tmp_path):
+    """kernels="pallas": the MXFP4 grouped matmul and banded attention (interpret mode on CPU) in
+    every layer, experts re-laid for the kernel; exporting that model gives back the same tensors."""
+    cfg, path, ids, ref = case
+    model = load_model(path, dtype="float32", kernels="pallas", progress=False)
+    assert all(b.mlp.kernel_layout and not hasattr(b.mlp, "w1_blocks") for b in model.blocks)
+    assert rel_err(model(ids), ref) <= TOL
+    out = str(tmp_path / "exported")
+    save_checkpoint(model, out, num_shards=2, progress=False)
+    from safetensors.numpy import load_file
+    import glob
+    a = {k: v for f in sorted(glob.glob(path + "/*.safetensors")) for k, v in load_file(f).items()
+         if "experts" in k and v.dtype == np.uint8}
+    b = {k: v for f in sorted(glob.glob(out + "/*.safetensors")) for k, v in load_file(f).items()
+         if "experts" in k and v.dtype == np.uint8}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_decode_gather_path_matches_transformers(case):
     """A single token routes fewer rows than experts: the gather-and-dequantize path."""
     cfg, path, ids, _ = case

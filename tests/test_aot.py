@@ -1,0 +1,93 @@
+"""Deviceless deployment plans (`gptoss-jax aot`): the real prefill and decode programs compiled for
+H100 (JAX CUDA plugin + target config) and TPU (libtpu topologies) from abstract shapes only.
+
+Each plan is compiled once per module (the compiles dominate: ~1 min for 20b on H100, several on TPU).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptoss_jax import aot
+from gptoss_jax.config import preset
+from gptoss_jax.model import abstract_model, count_params
+
+pytestmark = pytest.mark.aot
+
+GB = 1e9
+_PLANS = {}
+
+
+def _plan(target, model, **kw):
+    key = (target, model, tuple(sorted((k, str(v)) for k, v in kw.items())))
+    if key not in _PLANS:
+        _PLANS[key] = aot.plan(target, model, **kw)
+        print(aot.format_plan(_PLANS[key]))
+    return _PLANS[key]
+
+
+def _param_bytes(name):
+    return count_params(abstract_model(preset(name)))[1]
+
+
+def test_20b_fits_one_h100_at_8k():
+    p = _plan("h100", "gpt-oss-20b", devices=1, batch=1, max_len=8192)
+    params = _param_bytes("gpt-oss-20b")
+    assert 13.5 * GB < params < 14.0 * GB  # MXFP4 packed on device
+    # arguments = parameters + the bf16 KV cache (12 full layers x 8192 slots + 12 rings of 128)
+    assert params < p["argument_bytes"] < params + 0.5 * GB
+    assert p["device_memory_bytes"] == 84929347584  # from the H100 target config
+    assert p["fits"] and p["total_bytes_per_device"] < 25 * GB
+    assert p["programs"]["decode"]["temp_bytes"] < 1 * GB  # decode gathers only the routed experts
+
+
+def test_20b_fits_one_tpu_v5e_chip_at_8k():
+    p = _plan("tpu-v5e", "gpt-oss-20b", devices=1, batch=1, max_len=8192)
+    assert 13.5 * GB < p["argument_bytes"] < 14.5 * GB
+    assert p["device_memory_bytes"] == 16 * 2 ** 30
+    # one layer of dequantized experts (32 x 49.8 MB in bf16) plus activations, not all 24 layers
+    assert p["temp_bytes"] < 2.5 * GB
+    assert p["fits"], p
+
+
+def test_120b_fits_one_h100_at_8k():
+    p = _plan("h100", "gpt-oss-120b", devices=1, batch=1, max_len=8192)
+    params = _param_bytes("gpt-oss-120b")
+    assert params < p["argument_bytes"] < params + 0.6 * GB
+    assert p["fits"], p
+
+
+def test_120b_fits_tpu_v5e_8_expert_parallel():
+    p = _plan("tpu-v5e", "gpt-oss-120b", mesh_shape={"expert": 8}, batch=1, max_len=8192)
+    cfg = preset("gpt-oss-120b")
+    total = _param_bytes("gpt-oss-120b")
+    E, D, F = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    expert_bytes = cfg.num_hidden_layers * E * (2 * F * D // 2 + 2 * F * D // 32 + D * F // 2 + D * F // 32
+                                                + 2 * (2 * F + D))
+    dense = total - expert_bytes
+    # per device: 1/8 of the experts + the replicated dense weights + the cache
+    assert dense + expert_bytes / 8 < p["argument_bytes"] < dense + expert_bytes / 8 + 0.6 * GB
+    assert p["argument_bytes"] < total / 4
+    assert p["fits"], p
+
+
+def test_cli_json_last_line(tmp_path):
+    """The subcommand end to end on a small config (fast compile): last line is one JSON object."""
+    cfg = preset("gpt-oss-20b").replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "aot", "--target", "h100", "--model", str(path),
+                        "--mesh", "expert=2", "--batch", "2", "--max-len", "1024", "--json"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    for k in ("argument_bytes", "temp_bytes", "total_bytes_per_device", "device_memory_bytes", "fits"):
+        assert k in last
+    assert last["fits"] is True and last["mesh"] == {"data": 1, "expert": 2, "model": 1}
+    assert last["total_bytes_per_device"] >= last["argument_bytes"] + last["temp_bytes"] - last["programs"]["decode"][
+        "alias_bytes"] - 1
+    assert "-> fits" in r.stdout  # the human-readable plan precedes the JSON line
