@@ -159,6 +159,63 @@ def _add_run_options(p):
     p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
 
 
+def _cmd_finetune(args):
+    from .finetune import FinetuneConfig, finetune
+    from .lora import DEFAULT_TARGETS
+
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+                         grad_accum=args.grad_accum, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                         lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else DEFAULT_TARGETS,
+                         seed=args.seed, save_every=args.save_every, keep=args.keep,
+                         reasoning_effort=args.reasoning_effort)
+
+    def log(step, loss):
+        if args.log_every and (step % args.log_every == 0 or step == cfg.steps):
+            print(f"step {step}: loss {loss:.4f}", file=sys.stderr)
+
+    t = time.perf_counter()
+    res = finetune(args.model, args.data, cfg, out_dir=args.out, resume=args.resume, dtype=args.dtype,
+                   kernels=args.kernels, progress=not args.quiet, log=log)
+    summary = {**res.summary(), "seconds": round(time.perf_counter() - t, 2)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"fine-tuned {res.step} steps: loss {res.first_loss:.4f} -> {res.last_loss:.4f}; "
+              f"model (Hugging Face layout) in {args.out}, training state in {args.out}/train_state")
+
+
+def _add_finetune_parser(sub):
+    f = sub.add_parser("finetune", help="fine-tune on a JSONL chat dataset (LoRA by default); writes a loadable "
+                                        "Hugging Face-layout model to --out, resumable training state under it")
+    f.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or Hugging Face id (default {DEFAULT_MODEL})")
+    f.add_argument("--data", required=True, help='JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} a line')
+    f.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    f.add_argument("--out", required=True, help="output folder (model files + train_state/ + train_log.jsonl)")
+    f.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 = full fine-tuning of the dense weights")
+    f.add_argument("--lora-alpha", type=float, default=None, help="default 2 * rank")
+    f.add_argument("--lora-targets", default=None, help="comma-separated subset of q,k,v,o,router (default q,k,v,o)")
+    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warmup, then cosine decay)")
+    f.add_argument("--warmup-steps", type=int, default=None, help="default 10%% of --steps")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--clip-norm", type=float, default=1.0)
+    f.add_argument("--batch-size", type=int, default=1)
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--seq-len", type=int, default=1024)
+    f.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium",
+                   help="system message of examples that do not set their own")
+    f.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
+    f.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
+    f.add_argument("--log-every", type=int, default=10, help="print the loss every N steps (0: never)")
+    f.add_argument("--json", action="store_true", help="end with one JSON line: first_loss, last_loss, steps, ...")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(fn=_cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-jax", description="gpt-oss in JAX: convert, run, inspect")
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="gpt-oss-20b, gpt-oss-120b, or a folder / config.json")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_info)
+
+    _add_finetune_parser(sub)
+
+    from .aot import add_parser as _add_aot_parser  # deviceless deployment plans (gptoss_jax/aot.py)
+    _add_aot_parser(sub)
     return p
 
 
