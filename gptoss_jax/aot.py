@@ -118,7 +118,7 @@ def _load_cfg(model: str):
     return load_config(model) if os.path.exists(model) else preset(model)
 
 
-def abstract_sharded_model(cfg, mesh, rules=None, dtype="bfloat16"):
+def abstract_sharded_model(cfg, mesh, rules=None, dtype="bfloat16", kernels="xla"):
     """The model with ShapeDtypeStruct leaves carrying their NamedShardings, mesh attached."""
     import jax
 
@@ -127,7 +127,7 @@ def abstract_sharded_model(cfg, mesh, rules=None, dtype="bfloat16"):
     from .model import abstract_model
 
     rules = rules or shd.DEFAULT_RULES
-    abstract = abstract_model(cfg, dtype=dtype, kernels="xla")
+    abstract = abstract_model(cfg, dtype=dtype, kernels=kernels, kernel_layout=kernels == "pallas")
     sh = shd.param_shardings(abstract, mesh, rules)
     sds = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[p]) for p, v in param_leaves(abstract).items()}
     return shd.attach(assemble(abstract, sds), mesh, rules)
@@ -154,13 +154,14 @@ def decode_bytes_per_step(cfg, model, cache, mesh, batch: int, context: int) -> 
     import numpy as np
 
     from .checkpoint import param_leaves
+    from .layers import CHECKPOINT_EXPERT_WEIGHTS, KERNEL_EXPERT_WEIGHTS
 
     E, k = cfg.num_local_experts, cfg.num_experts_per_tok
     n_e = mesh.shape.get("expert", 1)
     dense = expert_layer = 0
     for p, leaf in param_leaves(model).items():
         size = np.dtype(leaf.dtype).itemsize
-        if p[-1] in ("w1_blocks", "w1_scales", "w2_blocks", "w2_scales", "b1", "b2"):
+        if p[-1] in CHECKPOINT_EXPERT_WEIGHTS + KERNEL_EXPERT_WEIGHTS + ("b1", "b2"):
             if p[1] == 0:
                 expert_layer += math.prod(leaf.shape[1:]) * size  # one expert, all its tensors
         elif p[-1] == "embed_VD":
@@ -177,9 +178,10 @@ def decode_bytes_per_step(cfg, model, cache, mesh, batch: int, context: int) -> 
 
 def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = None,
          mesh_shape: dict[str, int] | None = None, batch: int = 1, max_len: int = 8192,
-         prefill_chunk: int = 512, programs=("prefill", "decode")) -> dict:
+         prefill_chunk: int = 512, programs=("prefill", "decode"), kernels: str = "xla") -> dict:
     """Compile prefill (one chunk of `prefill_chunk` tokens into a cache of `max_len`) and decode (one
-    token per row) for the target; return the per-device memory plan and the decode roofline bound."""
+    token per row) for the target; return the per-device memory plan and the decode roofline bound.
+    `kernels="pallas"` compiles the Pallas MXFP4 and attention kernels (experts in kernel layout)."""
     _setup_env()
     import jax
     import jax.numpy as jnp
@@ -204,7 +206,9 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
     t0 = time.perf_counter()
     mesh = shd.make_mesh(**mesh_shape, devices=topology_devices(target, n))
     rules = shd.DEFAULT_RULES
-    m = abstract_sharded_model(cfg, mesh, rules)
+    if kernels not in ("xla", "pallas"):
+        raise ValueError(f"kernels must be 'xla' or 'pallas', got {kernels!r}")
+    m = abstract_sharded_model(cfg, mesh, rules, kernels=kernels)
     graphdef, state = nnx.split(m)
     NS = jax.sharding.NamedSharding
 
@@ -217,7 +221,8 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
     bspec1 = shd.batch_spec(batch, mesh, rules, 1)
     bspec2 = shd.batch_spec(batch, mesh, rules, 2)
     chunk = min(prefill_chunk, max_len)
-    out = dict(target=target_name, model=model, mesh=mesh_shape, devices=n, batch=batch, max_len=max_len,
+    out = dict(target=target_name, model=model, kernels=kernels, mesh=mesh_shape, devices=n, batch=batch,
+               max_len=max_len,
                prefill_chunk=chunk, device_kind=str(mesh.devices.flat[0].device_kind), programs={})
     for prog in programs:
         t = time.perf_counter()
@@ -253,7 +258,8 @@ def format_plan(p: dict) -> str:
         return f"{b / GB:8.2f} GB"
 
     mesh = ", ".join(f"{k}={v}" for k, v in p["mesh"].items())
-    lines = [f"gpt-oss plan: {p['model']} on {p['devices']} x {p['target']} ({p['device_kind']}), mesh {mesh}, "
+    lines = [f"gpt-oss plan: {p['model']} ({p.get('kernels', 'xla')} kernels) on {p['devices']} x {p['target']} "
+             f"({p['device_kind']}), mesh {mesh}, "
              f"batch {p['batch']}, max_len {p['max_len']}, prefill chunk {p['prefill_chunk']}",
              f"{'program':<10}{'arguments':>14}{'temp':>14}{'output-alias':>16}{'total':>14}{'compile':>10}"]
     for name, q in p["programs"].items():
@@ -276,7 +282,7 @@ def main_args(args) -> int:
 
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
     p = plan(args.target, args.model, devices=args.devices, mesh_shape=mesh_shape, batch=args.batch,
-             max_len=args.max_len, prefill_chunk=args.prefill_chunk)
+             max_len=args.max_len, prefill_chunk=args.prefill_chunk, kernels=args.kernels)
     print(format_plan(p))
     if args.json:
         keys = ("argument_bytes", "temp_bytes", "total_bytes_per_device", "device_memory_bytes", "fits")
@@ -295,6 +301,8 @@ def add_parser(sub):
     a.add_argument("--batch", type=int, default=1)
     a.add_argument("--max-len", type=int, default=8192)
     a.add_argument("--prefill-chunk", type=int, default=512)
+    a.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
+                   help="MoE / attention implementation to compile (pallas: the MXFP4 and banded-attention kernels)")
     a.add_argument("--json", action="store_true", help="last line: one JSON object")
     a.set_defaults(fn=main_args)
     return a

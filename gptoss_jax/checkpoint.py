@@ -405,6 +405,8 @@ def load_safetensors_model(path: str, abstract_model, layout: str, *, shardings=
         else:  # straight into shards: each process copies only its devices' slices of the mmap view
             arrays[p] = jax.make_array_from_callback(
                 tuple(want.shape), sharding, lambda idx, h=host, dt=want.dtype: np.asarray(h[idx], dtype=dt))
+        # Transfers are asynchronous: wait for each, so the host holds one tensor's pages, not a queue.
+        arrays[p].block_until_ready()
     return assemble(abstract_model, arrays)
 
 

@@ -303,17 +303,21 @@ class MoE(nnx.Module):
         names = KERNEL_EXPERT_WEIGHTS if self.kernel_layout else CHECKPOINT_EXPERT_WEIGHTS
         return {name: getattr(self, name)[...] for name in names + ("b1", "b2")}
 
-    def to_kernel_layout(self, shardings=None):
+    def to_kernel_layout(self, shardings=None, assume_normal_scales: bool | None = None):
         """One-time re-layout of the packed experts for the Pallas kernel, in place: the same bytes
         as int32 words with gate/up de-interleaved and K padded to 128 (pallas_kernels/mxfp4_gmm/
         layout.py). The checkpoint-layout arrays are dropped, so memory does not double.
-        `shardings`: name -> Sharding for the new arrays (expert-parallel placement)."""
+        `shardings`: name -> Sharding for the new arrays (expert-parallel placement).
+        `assume_normal_scales`: None checks the scales (all in [2, 252], as in every released
+        checkpoint, enables the kernel's short decoder); True / False force it (abstract models)."""
         from pallas_kernels import mxfp4_gmm
 
         if self.kernel_layout:
             return
         lo, hi = mxfp4_gmm.layout.FAST_SCALE_MIN, mxfp4_gmm.layout.FAST_SCALE_MAX
-        normal = bool(all(jnp.all((s >= lo) & (s <= hi)) for s in (self.w1_scales[...], self.w2_scales[...])))
+        normal = assume_normal_scales
+        if normal is None:
+            normal = bool(all(jnp.all((s >= lo) & (s <= hi)) for s in (self.w1_scales[...], self.w2_scales[...])))
         for w, glu in (("w1", True), ("w2", False)):
             def prep(b, s, glu=glu):
                 pw = mxfp4_gmm.prepare(b, s, interleaved_glu=glu, assume_normal_scales=normal)

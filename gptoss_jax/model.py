@@ -207,7 +207,7 @@ class GptOss(nnx.Module):
         from .sharding import attention_sharded
         return attention_sharded(f, args, self.mesh, self.sharding_rules)
 
-    def to_kernel_layout(self):
+    def to_kernel_layout(self, assume_normal_scales: bool | None = None):
         """Re-lay the MXFP4 experts of every layer for the Pallas kernel (see MoE.to_kernel_layout),
         keeping the expert-parallel placement on a mesh."""
         from .layers import KERNEL_EXPERT_WEIGHTS
@@ -219,7 +219,7 @@ class GptOss(nnx.Module):
                 from .sharding import expert_sharding
                 shardings = {n: expert_sharding(mesh, self.sharding_rules, self.config.num_local_experts)
                              for n in KERNEL_EXPERT_WEIGHTS}
-            block.mlp.to_kernel_layout(shardings)
+            block.mlp.to_kernel_layout(shardings, assume_normal_scales)
         return self
 
     def __call__(self, input_ids_BT, positions_BT=None):
@@ -257,9 +257,13 @@ def check_token_ids(input_ids, vocab_size: int) -> jax.Array:
     return jnp.asarray(ids, jnp.int32)
 
 
-def abstract_model(cfg: GptOssConfig, *, dtype="bfloat16", kernels="xla") -> GptOss:
-    """The model with ShapeDtypeStruct leaves: shapes and bytes without allocating anything."""
-    return nnx.eval_shape(lambda: GptOss(cfg, dtype=dtype, kernels=kernels, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: GptOssConfig, *, dtype="bfloat16", kernels="xla", kernel_layout: bool = False) -> GptOss:
+    """The model with ShapeDtypeStruct leaves: shapes and bytes without allocating anything.
+    `kernel_layout`: the experts as `load_model(..., kernels="pallas")` holds them (deviceless plans)."""
+    def build():
+        m = GptOss(cfg, dtype=dtype, kernels=kernels, rngs=nnx.Rngs(0))
+        return m.to_kernel_layout(assume_normal_scales=True) if kernel_layout else m
+    return nnx.eval_shape(build)
 
 
 def count_params(model: GptOss) -> tuple[int, int]:

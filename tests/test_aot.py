@@ -74,6 +74,22 @@ def test_120b_fits_tpu_v5e_8_expert_parallel():
     assert p["fits"], p
 
 
+def test_pallas_plan_compiles_the_kernels_with_the_kernel_layout(tmp_path):
+    """--kernels pallas on H100 (2 layers of 20b): the Triton kernels compile in both programs, and the
+    arguments are the XLA plan's plus exactly the kernel layout's K padding (2880 -> 2944)."""
+    cfg = preset("gpt-oss-20b").replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    px = _plan("h100", str(path), devices=1, batch=1, max_len=4096)
+    pp = _plan("h100", str(path), devices=1, batch=1, max_len=4096, kernels="pallas")
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    pad = lambda k: -(-k // 128) * 128 - k  # noqa: E731
+    per_weight = 0.5 + 1 / 32  # bytes: a nibble plus a shared E8M0 scale per 32
+    delta = cfg.num_hidden_layers * E * (2 * F * pad(D) + D * pad(F)) * per_weight
+    assert pp["kernels"] == "pallas" and pp["argument_bytes"] - px["argument_bytes"] == delta
+    assert pp["fits"] and set(pp["programs"]) == {"prefill", "decode"}
+
+
 def test_cli_json_last_line(tmp_path):
     """The subcommand end to end on a small config (fast compile): last line is one JSON object."""
     cfg = preset("gpt-oss-20b").replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"))
