@@ -6,6 +6,29 @@ import jax
 import jax.numpy as jnp
 
 
+def kv_block_range(qoff, kvlen, t0, *, window, bq, bk, t_len):
+  """[lo, hi) KV blocks holding keys visible to queries t0 .. t0+bq-1 (positions qoff + t), kvlen
+  keys valid: the band max(0, p_lo - W + 1) .. min(p_hi, kvlen - 1). Scalar jnp; every backend."""
+  p_lo = qoff + t0
+  p_hi = qoff + jnp.minimum(t0 + bq, t_len) - 1
+  k_lo = 0 if window is None else jnp.maximum(p_lo - window + 1, 0)
+  k_hi = jnp.minimum(p_hi + 1, kvlen)  # exclusive
+  return jax.lax.div(jnp.int32(k_lo), bk), jax.lax.div(k_hi + bk - 1, bk)  # non-negative: no floor
+
+
+def q_block_range(qoff, kvlen, kb, *, window, bq, bk, t_len):
+  """[lo, hi) q blocks holding queries that can see KV block kb: kb*bk <= p < kb*bk + bk - 1 + W
+  (p = qoff + t), empty when the block starts past kvlen."""
+  t_lo = jnp.maximum(kb * bk - qoff, 0)
+  if window is None:
+    t_hi = jnp.int32(t_len)
+  else:
+    t_hi = jnp.clip(kb * bk + bk - 1 + window - qoff, 0, t_len)
+  t_hi = jnp.where(kb * bk < kvlen, t_hi, 0)
+  t_lo = jnp.minimum(t_lo, t_hi)
+  return jax.lax.div(t_lo, bq), jax.lax.div(t_hi + bq - 1, bq)
+
+
 def combine_partials(q, k_new, v_new, sinks, acc, m, l, block_q, *, window, sm_scale):
   """Merge the cache partials (acc [B,K,P,R,H], m/l [B,K,P,R], rows r = t*G+g, t < block_q),
   the attention of the T new tokens to each other (causal, within the window) and the sink.

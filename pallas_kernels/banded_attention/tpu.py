@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import common
+
 _NEG = -1e30
 
 
@@ -65,12 +67,8 @@ def _online_softmax_update(q_ref, k_ref, v_ref, vis, v_ok, scale, m_sc, l_sc, ac
 
 
 def _prefill_band(b, i, qoff_ref, kvlen_ref, *, window, bq, bk, t_len, s_len):
-  qoff = qoff_ref[b]
-  p_lo = qoff + i * bq
-  p_hi = qoff + jnp.minimum(i * bq + bq, t_len) - 1
-  k_lo = 0 if window is None else jnp.maximum(p_lo - window + 1, 0)
-  k_hi = jnp.minimum(jnp.minimum(p_hi + 1, kvlen_ref[b]), s_len)
-  return lax.div(jnp.int32(k_lo), bk), lax.div(k_hi + bk - 1, bk)  # non-negative: no floor
+  return common.kv_block_range(qoff_ref[b], jnp.minimum(kvlen_ref[b], s_len), i * bq, window=window, bq=bq,
+                               bk=bk, t_len=t_len)
 
 
 def _kv_block(kb_lo, kb_hi, j, n_blocks):
@@ -353,17 +351,8 @@ def _dq_kernel(qoff_ref, kvlen_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
 
 
 def _q_band(b, kb, qoff_ref, kvlen_ref, *, window, bq, bk, t_len, s_len):
-  """q blocks holding queries that can see kv block kb: kb*bk <= p < kb*bk + bk - 1 + W."""
-  qoff = qoff_ref[b]
-  kvlen = jnp.minimum(kvlen_ref[b], s_len)
-  t_lo = jnp.maximum(kb * bk - qoff, 0)
-  if window is None:
-    t_hi = jnp.int32(t_len)
-  else:
-    t_hi = jnp.clip(kb * bk + bk - 1 + window - qoff, 0, t_len)
-  t_hi = jnp.where(kb * bk < kvlen, t_hi, 0)
-  t_lo = jnp.minimum(t_lo, t_hi)
-  return lax.div(t_lo, bq), lax.div(t_hi + bq - 1, bq)
+  return common.q_block_range(qoff_ref[b], jnp.minimum(kvlen_ref[b], s_len), kb, window=window, bq=bq, bk=bk,
+                              t_len=t_len)
 
 
 def _dkdv_kernel(qoff_ref, kvlen_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref,

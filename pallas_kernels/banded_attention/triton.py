@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import common
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _NEG = -1e30  # finite floor for the running max (keeps exp2(m_prev - m_new) NaN-free)
@@ -68,12 +70,7 @@ def _prefill_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, sink_ref, o_ref, *
   l0 = jnp.where(no_sink, 0.0, 1.0).astype(jnp.float32)
   acc0 = jnp.zeros((rows, q.shape[-1]), jnp.float32)
 
-  p_lo = qoff + t0
-  p_hi = qoff + jnp.minimum(t0 + bq, t_len) - 1
-  k_lo = 0 if window is None else jnp.maximum(p_lo - window + 1, 0)
-  k_hi = jnp.minimum(p_hi + 1, kvlen)  # exclusive
-  kb_lo = k_lo // bk
-  kb_hi = lax.div(k_hi + bk - 1, bk)
+  kb_lo, kb_hi = common.kv_block_range(qoff, kvlen, t0, window=window, bq=bq, bk=bk, t_len=t_len)
 
   def body(kb, carry):
     acc, m, l = carry
@@ -277,15 +274,7 @@ def _dkdv_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   kin = kpos < kvlen
   k = plgpu.load(k_ref.at[pl.ds(kb * bk, bk)], mask=kin[:, None], other=0.0)
   v = plgpu.load(v_ref.at[pl.ds(kb * bk, bk)], mask=kin[:, None], other=0.0)
-  # queries that can see keys [kb*bk, kb*bk + bk): positions kb*bk <= p (< kb*bk + bk - 1 + W)
-  t_lo = jnp.maximum(kb * bk - qoff, 0)
-  if window is None:
-    t_hi = jnp.int32(t_len)
-  else:
-    t_hi = jnp.clip(kb * bk + bk - 1 + window - qoff, 0, t_len)
-  t_hi = jnp.where(kb * bk < kvlen, t_hi, 0)
-  qb_lo = t_lo // bq
-  qb_hi = lax.div(t_hi + bq - 1, bq)
+  qb_lo, qb_hi = common.q_block_range(qoff, kvlen, kb, window=window, bq=bq, bk=bk, t_len=t_len)
   scale2 = scale * LOG2E
 
   def body(qb, carry):
@@ -331,10 +320,7 @@ def _dq_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
   do = _bwd_rows(do_ref, t0, bq, g, t_ok)
   lse2, delta = _bwd_stats(lse_ref, delta_ref, t0, bq, g, t_ok)
   qpos = qoff + jnp.broadcast_to(t_idx[:, None], (bq, g)).reshape(rows)
-  p_lo = qoff + t0
-  p_hi = qoff + jnp.minimum(t0 + bq, t_len) - 1
-  k_lo = 0 if window is None else jnp.maximum(p_lo - window + 1, 0)
-  k_hi = jnp.minimum(p_hi + 1, kvlen)
+  kb_lo, kb_hi = common.kv_block_range(qoff, kvlen, t0, window=window, bq=bq, bk=bk, t_len=t_len)
   scale2 = scale * LOG2E
 
   def body(kb, dq):
@@ -351,7 +337,7 @@ def _dq_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = lax.fori_loop(k_lo // bk, lax.div(k_hi + bk - 1, bk), body,
+  dq = lax.fori_loop(kb_lo, kb_hi, body,
                      jnp.zeros((rows, q.shape[-1]), jnp.float32))
   dq = (dq * scale).reshape(bq, g, dq.shape[-1]).astype(dq_ref.dtype)
   plgpu.store(dq_ref.at[pl.ds(t0, bq)], dq, mask=t_ok[:, None, None])
