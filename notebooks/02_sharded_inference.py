@@ -96,8 +96,9 @@ print(shd.describe(mesh))
 model = gj.load_model(MODEL, mesh=mesh)
 for device, nbytes in shd.bytes_per_device(model).items():
     print(f"{device}: {nbytes / 2**30:.3f} GiB of parameters")
-w1 = model.blocks[0].mlp.w1_blocks[...]
-print("layer 0 expert blocks", w1.shape, "sharded as", w1.sharding.spec)
+mlp = model.blocks[0].mlp  # experts in the Pallas kernel layout (w1_q) on GPU/TPU, packed blocks on CPU
+w1 = (mlp.w1_q if mlp.kernel_layout else mlp.w1_blocks)[...]
+print("layer 0 expert weights", w1.shape, "sharded as", w1.sharding.spec)
 
 # %% [markdown]
 # ## 3. Batched, sharded generation
