@@ -71,6 +71,15 @@ def _prefill_band(b, i, qoff_ref, kvlen_ref, *, window, bq, bk, t_len, s_len):
                                bk=bk, t_len=t_len)
 
 
+def _q_block_rows(b, i, qoff_ref, kvlen_ref, *, window, bq, bk, groups, t_len, s_len):
+  """Row-side setup of q block i of row b: its KV band, the valid key count, and per folded row
+  r = t*G + g (a (rows, 1) iota) its query position."""
+  kb_lo, kb_hi = _prefill_band(b, i, qoff_ref, kvlen_ref, window=window, bq=bq, bk=bk, t_len=t_len,
+                               s_len=s_len)
+  r = lax.broadcasted_iota(jnp.int32, (bq * groups, 1), 0)
+  return kb_lo, kb_hi, jnp.minimum(kvlen_ref[b], s_len), r, qoff_ref[b] + i * bq + _div(r, groups)
+
+
 def _kv_block(kb_lo, kb_hi, j, n_blocks):
   blk = jnp.minimum(kb_lo + j, jnp.maximum(kb_hi - 1, kb_lo))
   return jnp.clip(blk, 0, n_blocks - 1)
@@ -81,18 +90,14 @@ def _prefill_kernel(qoff_ref, kvlen_ref, sink_ref, q_ref, k_ref, v_ref, o_ref, *
   lse_ref, (m_sc, l_sc, acc_sc) = (refs[0] if len(refs) == 4 else None), refs[-3:]
   b, i, j = (pl.program_id(a) for a in range(3))
   g = groups
-  rows = bq * g
-  kb_lo, kb_hi = _prefill_band(b, i, qoff_ref, kvlen_ref, window=window, bq=bq, bk=bk,
-                               t_len=t_len, s_len=s_len)
-  kvlen = jnp.minimum(kvlen_ref[b], s_len)
-  r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-  qpos = qoff_ref[b] + i * bq + _div(r, g)
+  kb_lo, kb_hi, kvlen, r, qpos = _q_block_rows(b, i, qoff_ref, kvlen_ref, window=window, bq=bq, bk=bk,
+                                               groups=g, t_len=t_len, s_len=s_len)
 
   @pl.when(j == 0)
   def _init():
     gr = _mod(r, g)
     for h in range(n_heads_kv):
-      sink = jnp.full((rows, 1), -jnp.inf, jnp.float32)
+      sink = jnp.full(r.shape, -jnp.inf, jnp.float32)
       for gg in range(g):
         sink = jnp.where(gr == gg, sink_ref[h * g + gg], sink)
       no_sink = sink == -jnp.inf
@@ -320,12 +325,8 @@ def _dq_kernel(qoff_ref, kvlen_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
                dq_sc, *, scale, window, bq, bk, groups, n_heads_kv, t_len, s_len, n_kv):
   b, i, j = (pl.program_id(a) for a in range(3))
   g = groups
-  rows = bq * g
-  kb_lo, kb_hi = _prefill_band(b, i, qoff_ref, kvlen_ref, window=window, bq=bq, bk=bk,
-                               t_len=t_len, s_len=s_len)
-  kvlen = jnp.minimum(kvlen_ref[b], s_len)
-  r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-  qpos = qoff_ref[b] + i * bq + _div(r, g)
+  kb_lo, kb_hi, kvlen, r, qpos = _q_block_rows(b, i, qoff_ref, kvlen_ref, window=window, bq=bq, bk=bk,
+                                               groups=g, t_len=t_len, s_len=s_len)
 
   @pl.when(j == 0)
   def _init():
