@@ -80,6 +80,16 @@ def _q_block_rows(b, i, qoff_ref, kvlen_ref, *, window, bq, bk, groups, t_len, s
   return kb_lo, kb_hi, jnp.minimum(kvlen_ref[b], s_len), r, qoff_ref[b] + i * bq + _div(r, groups)
 
 
+def _visible(kb, bk, qpos, kvlen, window):
+  """(rows, bk) mask of KV block kb for (rows, 1) query positions: key j visible iff j <= qpos,
+  j < kvlen and (sliding) j > qpos - W."""
+  kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  vis = (kpos <= qpos) & (kpos < kvlen)
+  if window is not None:
+    vis &= kpos > qpos - window
+  return vis
+
+
 def _kv_block(kb_lo, kb_hi, j, n_blocks):
   blk = jnp.minimum(kb_lo + j, jnp.maximum(kb_hi - 1, kb_lo))
   return jnp.clip(blk, 0, n_blocks - 1)
@@ -109,10 +119,7 @@ def _prefill_kernel(qoff_ref, kvlen_ref, sink_ref, q_ref, k_ref, v_ref, o_ref, *
 
   @pl.when(kb < kb_hi)
   def _step():
-    kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    vis = (kpos <= qpos) & (kpos < kvlen)
-    if window is not None:
-      vis &= kpos > qpos - window
+    vis = _visible(kb, bk, qpos, kvlen, window)
     kcol = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     # every q head sharing kv head h is a row of q_ref[h]; rows past kv_len (or the padded edge
     # block) may hold garbage: their V rows are zeroed (0 * NaN guard)
@@ -336,10 +343,7 @@ def _dq_kernel(qoff_ref, kvlen_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
 
   @pl.when(kb < kb_hi)
   def _step():
-    kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    vis = (kpos <= qpos) & (kpos < kvlen)
-    if window is not None:
-      vis &= kpos > qpos - window
+    vis = _visible(kb, bk, qpos, kvlen, window)
     kok = (kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)) < kvlen
     for h in range(n_heads_kv):
       _, _, k, _, ds = _bwd_tile(h, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, vis, kok,
@@ -378,10 +382,7 @@ def _dkdv_kernel(qoff_ref, kvlen_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, 
     r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     t = qb * bq + _div(r, g)
     qpos = qoff_ref[b] + t
-    kpos = kb * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    vis = (kpos <= qpos) & (kpos < kvlen) & (t < t_len)
-    if window is not None:
-      vis &= kpos > qpos - window
+    vis = _visible(kb, bk, qpos, kvlen, window) & (t < t_len)
     kok = (kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)) < kvlen
     for h in range(n_heads_kv):
       q, do, _, p, ds = _bwd_tile(h, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, vis, kok,
