@@ -98,7 +98,7 @@ def _routing(rng, experts: int, tokens: int):
 
 def device_bench(experts: int, iters: int):
   from pallas_kernels import mxfp4_gmm
-  from gptoss_jax import mxfp4
+  from pallas_kernels import mxfp4
   backend = jax.default_backend()
   target = "h100" if backend == "gpu" else ("v6e" if "v6" in jax.devices()[0].device_kind.lower() else "v5e")
   peak = TARGETS[target]

@@ -1,7 +1,8 @@
 """gptoss-jax: OpenAI's gpt-oss-20b / gpt-oss-120b in JAX and Flax NNX."""
 
 from .api import load_model
-from .checkpoint import CheckpointError, convert, save_checkpoint, write_random_checkpoint
+from .checkpoint import convert, save_checkpoint, write_random_checkpoint
+from .errors import CheckpointError
 from .config import GptOssConfig, load_config, preset
 from .generate import GenerationResult, generate, generate_stream
 from .model import GptOss

@@ -123,7 +123,7 @@ def abstract_sharded_model(cfg, mesh, rules=None, dtype="bfloat16", kernels="xla
     import jax
 
     from . import sharding as shd
-    from .checkpoint import assemble, param_leaves
+    from .params import assemble, param_leaves
     from .model import abstract_model
 
     rules = rules or shd.DEFAULT_RULES
@@ -153,7 +153,7 @@ def decode_bytes_per_step(cfg, model, cache, mesh, batch: int, context: int) -> 
     slice of the KV cache up to `context` (sliding layers: their window)."""
     import numpy as np
 
-    from .checkpoint import param_leaves
+    from .params import param_leaves
     from .layers import CHECKPOINT_EXPERT_WEIGHTS, KERNEL_EXPERT_WEIGHTS
 
     E, k = cfg.num_local_experts, cfg.num_experts_per_tok

@@ -47,7 +47,8 @@ import optax
 from flax import nnx
 
 from . import lora as lora_lib
-from .checkpoint import CheckpointError, _param_path, flat_key, save_checkpoint
+from .checkpoint import CheckpointError, save_checkpoint
+from .params import flat_key, param_path
 
 TRAIN_STATE_DIR = "train_state"
 LOG_FILE = "train_log.jsonl"
@@ -229,7 +230,7 @@ class FinetuneConfig:
 # Trainer
 # ---------------------------------------------------------------------------------------------
 def _flat_arrays(state) -> dict[str, jax.Array]:
-    return {flat_key(_param_path(k)): (v.get_value() if hasattr(v, "get_value") else v.value)
+    return {flat_key(param_path(k)): (v.get_value() if hasattr(v, "get_value") else v.value)
             for k, v in nnx.to_flat_state(state)}
 
 
@@ -237,7 +238,7 @@ def _load_flat(node, filt, arrays: dict[str, Any]):
     state = nnx.state(node, filt) if filt is not None else nnx.state(node)
     flat = []
     for k, v in nnx.to_flat_state(state):
-        key = flat_key(_param_path(k))
+        key = flat_key(param_path(k))
         if key not in arrays:
             raise CheckpointError(f"training checkpoint lacks {key}")
         flat.append((k, v.replace(arrays[key])))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import mxfp4
+from pallas_kernels import mxfp4
 from .config import GptOssConfig
 
 KERNELS = ("xla", "pallas")

@@ -146,7 +146,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 def param_specs(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict[tuple, P]:
     """Parameter path -> PartitionSpec for every parameter of `model` (concrete or abstract)."""
-    from .checkpoint import param_leaves
+    from .params import param_leaves
 
     return {p: rules.spec(rules.logical(str(p[-1]))[:len(leaf.shape)], leaf.shape, mesh)
             for p, leaf in param_leaves(model).items()}
@@ -174,7 +174,7 @@ def attach(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
 
 def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
     """Reshard an already loaded (e.g. single-device) model onto `mesh` and attach it."""
-    from .checkpoint import assemble, param_leaves
+    from .params import assemble, param_leaves
 
     sh = param_shardings(model, mesh, rules)
     arrays = {p: jax.device_put(v, sh[p]) for p, v in param_leaves(model).items()}
@@ -291,7 +291,7 @@ def attention_sharded(fn, args, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
 # ---------------------------------------------------------------------------------------------
 def bytes_per_device(model) -> dict:
     """{device: bytes of parameters resident there} (addressable devices only)."""
-    from .checkpoint import param_leaves
+    from .params import param_leaves
 
     out: dict = {}
     for leaf in param_leaves(model).values():

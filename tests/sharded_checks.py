@@ -40,7 +40,7 @@ def rel(a, b):
 def run_meshes(ckpt, out):
     from gptoss_jax import load_model
     from gptoss_jax import sharding as shd
-    from gptoss_jax.checkpoint import param_leaves
+    from gptoss_jax.params import param_leaves
     from gptoss_jax.generate import generate
 
     assert len(jax.devices()) == 8, jax.devices()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax import mxfp4
+from pallas_kernels import mxfp4
 from gptoss_jax.layers import experts_xla, route, swiglu
 
 from helpers import tiny_config

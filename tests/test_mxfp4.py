@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from gptoss_jax import mxfp4
+from pallas_kernels import mxfp4
 
 
 def all_codes_all_scales():

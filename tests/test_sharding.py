@@ -19,7 +19,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from gptoss_jax import load_model, write_random_checkpoint
 from gptoss_jax import sharding as shd
-from gptoss_jax.checkpoint import param_leaves
+from gptoss_jax.params import param_leaves
 from gptoss_jax.config import preset
 from gptoss_jax.layers import experts_xla, route
 from gptoss_jax.model import abstract_model

@@ -7,7 +7,7 @@ API
             swiglu_alpha=None, swiglu_limit=None, row_weights=None, out_dtype=None, impl="auto")
 
 * `blocks` [E, N, K/32, 16] uint8 / `scales` [E, N, K/32] uint8 are the checkpoint tensors
-  (`gptoss_jax.mxfp4`). `prepare` returns an `MXFP4GmmWeights` pytree (int32 `wq`, `ws`; layout
+  (`pallas_kernels.mxfp4`). `prepare` returns an `MXFP4GmmWeights` pytree (int32 `wq`, `ws`; layout
   in `layout.py`); `interleaved_glu=True` de-interleaves gpt-oss gate_up_proj rows (2j = gate_j,
   2j+1 = up_j) into a gate and an up split and is required for `epilogue="swiglu"`.
   `assume_normal_scales` (default: checked on concrete scales) enables the ~10-op decoder that

@@ -1,6 +1,6 @@
 """Kernel-side MXFP4 layout: one-time re-layout (`prepare`) and the in-kernel decoder.
 
-Checkpoint layout (see `gptoss_jax.mxfp4`): per expert e, W_e [N, K] is
+Checkpoint layout (see `pallas_kernels.mxfp4`): per expert e, W_e [N, K] is
   blocks [E, N, K/32, 16] uint8 (two e2m1 codes per byte, low nibble = even element),
   scales [E, N, K/32]     uint8 (E8M0 exponents).
 
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax import mxfp4
+from pallas_kernels import mxfp4
 
 CHUNK_K = 128  # K elements per chunk: 16 word rows x 8 nibbles
 ROWS_PER_CHUNK = CHUNK_K // 8
@@ -158,7 +158,7 @@ def prepare_bias(bias, *, interleaved_glu: bool = False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoder: the arithmetic of `gptoss_jax.mxfp4.e2m1_times_pow2_bits`, on int32 (widened before any
+# Decoder: the arithmetic of `pallas_kernels.mxfp4.e2m1_times_pow2_bits`, on int32 (widened before any
 # shift: no uint8/uint32 vector ops), usable in jnp, Pallas TPU (Mosaic) and Pallas Triton.
 
 

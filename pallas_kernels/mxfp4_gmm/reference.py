@@ -1,4 +1,4 @@
-"""Pure-jnp reference: exact dequantization (`gptoss_jax.mxfp4.dequantize`) + `jax.lax.ragged_dot`.
+"""Pure-jnp reference: exact dequantization (`pallas_kernels.mxfp4.dequantize`) + `jax.lax.ragged_dot`.
 
 Works on checkpoint-layout weights (blocks [E, N, K/32, 16], scales [E, N, K/32], gate/up rows
 interleaved for the "swiglu" epilogue), so it is independent of the kernel re-layout.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptoss_jax import mxfp4
+from pallas_kernels import mxfp4
 
 from . import common
 

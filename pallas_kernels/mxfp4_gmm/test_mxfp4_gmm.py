@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_jax import mxfp4
+from pallas_kernels import mxfp4
 from pallas_kernels import mxfp4_gmm
 from pallas_kernels.mxfp4_gmm import aot, layout
 
