@@ -6,8 +6,9 @@ from .errors import CheckpointError
 from .config import GptOssConfig, load_config, preset
 from .generate import GenerationResult, generate, generate_stream
 from .model import GptOss
+from .runtime import Runtime
 from .tokenizer import load_tokenizer
 
 __all__ = ["GptOss", "GptOssConfig", "CheckpointError", "GenerationResult", "convert", "generate",
-           "generate_stream", "load_config", "load_model", "load_tokenizer", "preset", "save_checkpoint",
+           "generate_stream", "load_config", "load_model", "load_tokenizer", "preset", "Runtime", "save_checkpoint",
            "write_random_checkpoint"]

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,18 +118,19 @@ def _load_cfg(model: str):
 
 
 def abstract_sharded_model(cfg, mesh, rules=None, dtype="bfloat16", kernels="xla"):
-    """The model with ShapeDtypeStruct leaves carrying their NamedShardings, mesh attached."""
+    """The model with ShapeDtypeStruct leaves carrying their NamedShardings, built on a Runtime
+    for `mesh` (experts in kernel layout for kernels="pallas")."""
     import jax
 
-    from . import sharding as shd
-    from .params import assemble, param_leaves
     from .model import abstract_model
+    from .params import assemble, param_leaves
+    from .runtime import Runtime
 
-    rules = rules or shd.DEFAULT_RULES
-    abstract = abstract_model(cfg, dtype=dtype, kernels=kernels, kernel_layout=kernels == "pallas")
-    sh = shd.param_shardings(abstract, mesh, rules)
+    runtime = Runtime.create(kernels, mesh, rules)
+    abstract = abstract_model(cfg, dtype=dtype, runtime=runtime, kernel_layout=runtime.moe.kernel_layout)
+    sh = runtime.param_shardings(abstract)
     sds = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[p]) for p, v in param_leaves(abstract).items()}
-    return shd.attach(assemble(abstract, sds), mesh, rules)
+    return assemble(abstract, sds)
 
 
 def _mem(compiled) -> dict:
@@ -183,13 +183,7 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
     token per row) for the target; return the per-device memory plan and the decode roofline bound.
     `kernels="pallas"` compiles the Pallas MXFP4 and attention kernels (experts in kernel layout)."""
     _setup_env()
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     from . import sharding as shd
-    from .generate import Sampling, _decode_one, _prefill_next
-    from .model import KVCache
 
     if target_name not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target_name!r}")
@@ -201,13 +195,36 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
     n = math.prod(mesh_shape.values())
     if devices is not None and devices != n:
         raise ValueError(f"--devices {devices} but the mesh has {n} devices")
-    if max_len > cfg.max_position_embeddings:
-        raise ValueError(f"max_len {max_len} exceeds the model's context {cfg.max_position_embeddings}")
     t0 = time.perf_counter()
     mesh = shd.make_mesh(**mesh_shape, devices=topology_devices(target, n))
-    rules = shd.DEFAULT_RULES
-    if kernels not in ("xla", "pallas"):
-        raise ValueError(f"kernels must be 'xla' or 'pallas', got {kernels!r}")
+    out = dict(target=target_name, model=model)
+    out.update(plan_for_mesh(cfg, mesh, batch=batch, max_len=max_len, prefill_chunk=prefill_chunk,
+                             programs=programs, kernels=kernels))
+    cap = device_memory_bytes(target)
+    out.update(device_memory_bytes=cap, fits=bool(out["total_bytes_per_device"] <= cap))
+    step = out["decode_bytes_per_step_per_device"]
+    bound = target.hbm_bandwidth / step["total"]
+    out.update(hbm_bandwidth=target.hbm_bandwidth, decode_steps_per_s_bound=bound,
+               decode_tokens_per_s_bound=bound * batch, seconds=round(time.perf_counter() - t0, 1))
+    return out
+
+
+def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chunk: int = 512,
+                  programs=("prefill", "decode"), kernels: str = "xla", rules=None) -> dict:
+    """Lower and compile prefill / decode for `mesh` (any jax Mesh: topology devices for deviceless
+    plans, or real ones); per-program memory, the largest per-device total, and the bytes one
+    decode step reads per device."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from . import sharding as shd
+    from .generate import SamplingState, decode_step, prefill_step
+    from .model import KVCache
+
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_len {max_len} exceeds the model's context {cfg.max_position_embeddings}")
+    rules = shd.DEFAULT_RULES if rules is None else rules
     m = abstract_sharded_model(cfg, mesh, rules, kernels=kernels)
     graphdef, state = nnx.split(m)
     NS = jax.sharding.NamedSharding
@@ -221,35 +238,30 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
     bspec1 = shd.batch_spec(batch, mesh, rules, 1)
     bspec2 = shd.batch_spec(batch, mesh, rules, 2)
     chunk = min(prefill_chunk, max_len)
-    out = dict(target=target_name, model=model, kernels=kernels, mesh=mesh_shape, devices=n, batch=batch,
-               max_len=max_len,
-               prefill_chunk=chunk, device_kind=str(mesh.devices.flat[0].device_kind), programs={})
+    out = dict(kernels=kernels, mesh={a: int(mesh.shape.get(a, 1)) for a in shd.AXES}, devices=int(mesh.size),
+               batch=batch, max_len=max_len, prefill_chunk=chunk, device_kind=str(mesh.devices.flat[0].device_kind),
+               programs={})
     for prog in programs:
         t = time.perf_counter()
         if prog == "prefill":
-            lowered = _prefill_next.lower(graphdef, state, sds((batch, chunk), jnp.int32, bspec2), cache,
-                                          sds((batch,), jnp.int32, bspec1), sds((batch,), jnp.int32, bspec1))
+            lowered = prefill_step.lower(graphdef, state, sds((batch, chunk), jnp.int32, bspec2), cache,
+                                         sds((batch,), jnp.int32, bspec1), sds((batch,), jnp.int32, bspec1))
         elif prog == "decode":
-            key = jax.eval_shape(lambda: jax.random.key(0))
-            key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NS(mesh, jax.sharding.PartitionSpec()))
-            s = Sampling(temperature=0.0, top_p=1.0, top_k=None, stop_tokens=(0,), pad_id=0)
-            lowered = _decode_one.lower(graphdef, state, cache, sds((batch,), jnp.int32, bspec1),
-                                        sds((batch,), jnp.bool_, bspec1), key,
-                                        sds((), jnp.int32, jax.sharding.PartitionSpec()), s)
+            s0 = jax.eval_shape(lambda: SamplingState.create(batch, temperature=0.0, top_p=1.0, top_k=None, seed=0,
+                                                             stop_tokens=(0,), pad_id=0))
+            s = jax.tree.map(lambda a: sds(a.shape, a.dtype, shd.batch_spec(batch, mesh, rules, a.ndim) if a.ndim
+                                           and a.shape[0] == batch else jax.sharding.PartitionSpec()), s0)
+            lowered = decode_step.lower(graphdef, state, cache, sds((batch,), jnp.int32, bspec1),
+                                        sds((batch,), jnp.bool_, bspec1), s,
+                                        sds((), jnp.int32, jax.sharding.PartitionSpec()))
         else:
             raise ValueError(f"unknown program {prog!r}")
         compiled = lowered.compile()
         out["programs"][prog] = dict(_mem(compiled), compile_seconds=round(time.perf_counter() - t, 1))
     progs = out["programs"].values()
-    cap = device_memory_bytes(target)
-    total = max(p["total_bytes_per_device"] for p in progs)
     out.update(argument_bytes=max(p["argument_bytes"] for p in progs), temp_bytes=max(p["temp_bytes"] for p in progs),
-               total_bytes_per_device=total, device_memory_bytes=cap, fits=bool(total <= cap))
-    step = decode_bytes_per_step(cfg, m, cache, mesh, batch, max_len)
-    bound = target.hbm_bandwidth / step["total"]
-    out.update(decode_bytes_per_step_per_device=step, hbm_bandwidth=target.hbm_bandwidth,
-               decode_steps_per_s_bound=bound, decode_tokens_per_s_bound=bound * batch,
-               seconds=round(time.perf_counter() - t0, 1))
+               total_bytes_per_device=max(p["total_bytes_per_device"] for p in progs),
+               decode_bytes_per_step_per_device=decode_bytes_per_step(cfg, m, cache, mesh, batch, max_len))
     return out
 
 

@@ -183,7 +183,12 @@ class Dataset:
 # Loss and optimizer
 # ---------------------------------------------------------------------------------------------
 def loss_fn(model, ids_BL, mask_BL):
-    """Mean next-token cross-entropy over the target tokens whose mask is set."""
+    """Mean next-token cross-entropy over the target tokens whose mask is set (in the model's
+    sharding regime, so any mesh works)."""
+    return model.within_runtime(_masked_nll, jax.sharding.PartitionSpec(), ids_BL, mask_BL)
+
+
+def _masked_nll(model, ids_BL, mask_BL):
     logits = model.forward(ids_BL[:, :-1])  # float32 [B, L-1, V]
     targets, m = ids_BL[:, 1:], mask_BL[:, 1:].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -285,7 +290,7 @@ class Trainer:
                  mesh=None, base_model: str | None = None):
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
-        mesh = mesh if mesh is not None else getattr(model, "mesh", None)  # load_model(..., mesh=)
+        mesh = mesh if mesh is not None else model.runtime.mesh  # load_model(..., mesh=)
         self.model, self.dataset, self.cfg, self.mesh = model, dataset, cfg, mesh
         self.out_dir, self.base_model = out_dir, base_model
         if mesh is not None:

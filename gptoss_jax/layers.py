@@ -2,21 +2,19 @@
 
 Shape suffixes name the axes: B batch, T query tokens, S key tokens, D model, N q heads, K kv heads,
 G q heads per kv head, H head dim, E experts, F expert ffn, M routed rows, V vocab.
-The functions are pure jnp (the XLA path); the Pallas kernels plug in where `kernels="pallas"`.
+The functions are pure jnp (the XLA path) except `experts_pallas`; which of them run is chosen by
+the op objects of `gptoss_jax.ops` (the model's `Runtime`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import mxfp4
-from .config import GptOssConfig
+from pallas_kernels import mxfp4, mxfp4_gmm
 
-KERNELS = ("xla", "pallas")
+from .config import GptOssConfig
 
 
 class PackedParam(nnx.Variable):
@@ -192,8 +190,6 @@ def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset
 
     Expert parallelism as in `experts_xla`: rows routed outside the local slice sort past the last
     group, where the kernel writes exact zeros."""
-    from pallas_kernels import mxfp4_gmm
-
     dtype = x_MD.dtype
     M, D = x_MD.shape
     k = idx_Mk.shape[1]
@@ -310,8 +306,6 @@ class MoE(nnx.Module):
         `shardings`: name -> Sharding for the new arrays (expert-parallel placement).
         `assume_normal_scales`: None checks the scales (all in [2, 252], as in every released
         checkpoint, enables the kernel's short decoder); True / False force it (abstract models)."""
-        from pallas_kernels import mxfp4_gmm
-
         if self.kernel_layout:
             return
         lo, hi = mxfp4_gmm.layout.FAST_SCALE_MIN, mxfp4_gmm.layout.FAST_SCALE_MAX
@@ -335,32 +329,24 @@ class MoE(nnx.Module):
         """The four MXFP4 tensors in checkpoint layout (blocks / scales), whichever layout is held."""
         if not self.kernel_layout:
             return {n: getattr(self, n)[...] for n in CHECKPOINT_EXPERT_WEIGHTS}
-        from pallas_kernels import mxfp4_gmm
-
         cfg, out = self.cfg, {}
         for w, k, n in (("w1", cfg.hidden_size, cfg.intermediate_size), ("w2", cfg.intermediate_size, cfg.hidden_size)):
             pw = mxfp4_gmm.MXFP4GmmWeights(getattr(self, f"{w}_q")[...], getattr(self, f"{w}_s")[...], k=k, n=n)
             out[f"{w}_blocks"], out[f"{w}_scales"] = jax.jit(mxfp4_gmm.unprepare)(pw)
         return out
 
-    def __call__(self, x_BTD, kernels: str = "xla"):
+    def __call__(self, x_BTD, op):
+        """Route, then run the experts with `op` (an MoE op of gptoss_jax.ops, reading the expert
+        layout it states)."""
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
         wr_DE = self.wr_DE[...]
         if getattr(self, "lora_router_a", None) is not None:
             wr_DE = lora_weight(self, "router", wr_DE)
         weights_Mk, idx_Mk = route(x_MD, wr_DE, self.br_E[...], self.cfg.num_experts_per_tok)
-        if kernels == "pallas":
-            if not self.kernel_layout:
-                raise ValueError("kernels='pallas' needs the experts in kernel layout: load with "
-                                 "load_model(..., kernels='pallas') or call model.to_kernel_layout()")
-            run = functools.partial(experts_pallas, normal_scales=self.normal_scales)
-        else:
-            if self.kernel_layout:
-                raise ValueError("this model holds its experts in the Pallas kernel layout; use kernels='pallas'")
-            run = experts_xla
-        if getattr(self, "mesh", None) is not None:  # expert parallelism (set by sharding.attach)
-            from .sharding import experts_sharded
-            return experts_sharded(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg, self.mesh,
-                                   self.sharding_rules, run).reshape(B, T, D)
-        return run(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg).reshape(B, T, D)
+        if op.kernel_layout != self.kernel_layout:
+            raise ValueError("the Pallas MoE needs the experts in kernel layout: load with load_model(..., "
+                             "kernels='pallas')" if op.kernel_layout else
+                             "this model holds its experts in the Pallas kernel layout; use kernels='pallas'")
+        y_MD = op(x_MD, weights_Mk, idx_Mk, self.expert_params(), self.cfg, normal_scales=self.normal_scales)
+        return y_MD.reshape(B, T, D)

@@ -11,7 +11,10 @@ import numpy as np
 from flax import nnx
 
 from .config import GenerationDefaults, GptOssConfig
-from .layers import KERNELS, MoE, Attention, attention_xla, rms_norm, rope_cos_sin, visible_mask
+from . import sharding as shd
+from .layers import KERNEL_EXPERT_WEIGHTS, Attention, MoE, PackedParam, rms_norm, rope_cos_sin
+from .ops import CachedBatch
+from .runtime import Runtime
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "bf16": jnp.bfloat16, "fp32": jnp.float32}
 
@@ -80,16 +83,17 @@ class GptOss(nnx.Module):
     """gpt-oss causal LM. `model(input_ids [B, T] int32)` -> float32 logits [B, T, V].
 
     Parameters keep the checkpoint dtypes (bf16, MXFP4-packed experts); `dtype` is the compute dtype.
+    `runtime` (gptoss_jax.runtime.Runtime) fixes the mesh, the sharding rules and the attention /
+    MoE ops; default: one device, XLA ops.
     """
 
-    def __init__(self, cfg: GptOssConfig, *, dtype="bfloat16", param_dtype=jnp.bfloat16,
-                 kernels: str = "xla", rngs: nnx.Rngs | None = None):
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    def __init__(self, cfg: GptOssConfig, *, runtime: Runtime | None = None, dtype="bfloat16",
+                 param_dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
+        self.runtime = Runtime.create() if runtime is None else runtime
+        shd.expert_axis_size(self.runtime.mesh, self.runtime.rules, cfg.num_local_experts)
         self.dtype = canonical_dtype(dtype)
-        self.kernels = kernels
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_VD = nnx.Param((0.02 * jax.random.normal(rngs.params(), (V, D))).astype(param_dtype))
         self.blocks = nnx.List([Block(cfg, i, param_dtype=param_dtype, rngs=rngs)
@@ -102,6 +106,10 @@ class GptOss(nnx.Module):
         eos = cfg.eos_token_id
         self.generation_defaults = GenerationDefaults(
             stop_tokens=tuple(eos) if isinstance(eos, tuple) else (() if eos is None else (eos,)))
+
+    @property
+    def kernels(self) -> str:
+        return self.runtime.kernels
 
     # ---- forward ---------------------------------------------------------------------------
     def rope(self, positions_BT):
@@ -117,32 +125,39 @@ class GptOss(nnx.Module):
 
     def _trunk(self, input_ids_BT, positions_BT, attend):
         """Embedding and blocks; `attend(layer, q, k, v)` supplies the attention of each layer."""
-        cos, sin = self.rope(positions_BT)
         eps = self.config.rms_norm_eps
-        x = self.embed(input_ids_BT)
+        with jax.named_scope("embed"):
+            cos, sin = self.rope(positions_BT)
+            x = self.embed(input_ids_BT)
         for i, block in enumerate(self.blocks):
             a = block.attn
-            q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin)
-            x = x + a.out(attend(i, q, k, v))
-            x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.kernels)
+            with jax.named_scope(f"block_{i}/attention"):
+                q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin)
+                x = x + a.out(attend(i, q, k, v))
+            with jax.named_scope(f"block_{i}/moe"):
+                x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.runtime.moe)
         return x
 
     def forward(self, input_ids_BT, positions_BT=None):
-        """Full causal forward over the given tokens, no cache."""
+        """Full causal forward over the given tokens, no cache (positions default to 0..T-1)."""
         B, T = input_ids_BT.shape
-        default_positions = positions_BT is None  # the kernel takes positions 0..T-1 (any others: XLA)
+        out_spec = self.runtime.logits_spec((B, T, self.config.vocab_size))
+        return self.within_runtime(GptOss._forward, out_spec, input_ids_BT, positions_BT)
+
+    def _forward(self, input_ids_BT, positions_BT):
+        B, T = input_ids_BT.shape
+        op = self.runtime.attention
+        given = positions_BT  # None: 0..T-1, which the kernels take without a mask
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
         def attend(i, q, k, v):
             a = self.blocks[i].attn
-            if self.kernels == "pallas" and default_positions:
-                return self._pallas_attention("attention", q, k, v, a.sinks_N[...], window=a.window,
-                                              sm_scale=a.sm_scale)
-            mask = visible_mask(positions_BT, positions_BT, a.window)
-            return attention_xla(q, k, v, a.sinks_N[...], mask, sm_scale=a.sm_scale)
+            return op.forward(q, k, v, a.sinks_N[...], given, window=a.window, sm_scale=a.sm_scale)
 
-        return self.unembed(self._trunk(input_ids_BT, positions_BT, attend))
+        x = self._trunk(input_ids_BT, positions_BT, attend)
+        with jax.named_scope("unembed"):
+            return self.unembed(x)
 
     def forward_cached(self, input_ids_BT, cache: "KVCache", n_new_B, *, cache_empty: bool = False,
                        logits_at_B=None):
@@ -153,9 +168,19 @@ class GptOss(nnx.Module):
         vocabulary projection). `cache_empty` (static) skips reading a cache known to be empty.
         """
         B, T = input_ids_BT.shape
+        V = self.config.vocab_size
+        logits_shape = (B, V) if logits_at_B is not None else (B, T, V)
+        out_specs = (self.runtime.logits_spec(logits_shape), self.runtime.cache_specs(cache))
+        body = functools.partial(GptOss._forward_cached, cache_empty=cache_empty)
+        return self.within_runtime(body, out_specs, input_ids_BT, cache, n_new_B, logits_at_B)
+
+    def _forward_cached(self, input_ids_BT, cache: "KVCache", n_new_B, logits_at_B, *, cache_empty: bool):
+        T = input_ids_BT.shape[1]
         t_T = jnp.arange(T, dtype=jnp.int32)
         positions_BT = cache.lengths[:, None] + t_T
-        new_valid_BT = t_T[None, :] < n_new_B[:, None]
+        batch = CachedBatch(lengths_B=cache.lengths, n_new_B=n_new_B, positions_BT=positions_BT,
+                            valid_BT=t_T[None, :] < n_new_B[:, None])
+        op = self.runtime.attention
         new_k, new_v = [], []
 
         def attend(i, q, k, v):
@@ -163,72 +188,48 @@ class GptOss(nnx.Module):
             ck, cv = cache.k[i], cache.v[i]
             new_k.append(cache.write(ck, k, n_new_B))
             new_v.append(cache.write(cv, v, n_new_B))
-            if self.kernels == "pallas":  # cache contract: pallas_kernels/banded_attention/README.md
-                if cache_empty:
-                    return self._pallas_attention("prefill_attention", q, k, v, a.sinks_N[...], n_new_B,
-                                                  window=a.window, sm_scale=a.sm_scale)
-                return self._pallas_attention("decode_attention", q, k.astype(ck.dtype), v.astype(cv.dtype),
-                                              ck, cv, a.sinks_N[...], cache.lengths, window=a.window,
-                                              sm_scale=a.sm_scale)
+            kw = dict(window=a.window, sm_scale=a.sm_scale)
             if cache_empty:
-                keys, vals, k_pos, k_valid = k, v, positions_BT, new_valid_BT
-            else:
-                slot_pos = cache.slot_positions(i)
-                keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1).astype(q.dtype)
-                vals = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1).astype(q.dtype)
-                k_pos = jnp.concatenate([slot_pos, positions_BT], axis=1)
-                k_valid = jnp.concatenate([slot_pos >= 0, new_valid_BT], axis=1)
-            mask = visible_mask(positions_BT, k_pos, a.window, k_valid)
-            return attention_xla(q, keys, vals, a.sinks_N[...], mask, sm_scale=a.sm_scale)
+                return op.prefill(q, k, v, a.sinks_N[...], batch, **kw)
+            return op.decode(q, k, v, ck, cv, a.sinks_N[...], batch, cache.slot_positions(i), **kw)
 
         x = self._trunk(input_ids_BT, positions_BT, attend)
-        if logits_at_B is not None:
-            x = jnp.take_along_axis(x, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
-            logits = self.unembed(x)[:, 0]
-        else:
-            logits = self.unembed(x)
+        with jax.named_scope("unembed"):
+            if logits_at_B is not None:
+                x = jnp.take_along_axis(x, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
+                logits = self.unembed(x)[:, 0]
+            else:
+                logits = self.unembed(x)
         cache = cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new_B)
-        if getattr(self, "mesh", None) is not None:  # sharded: B over data, K over model (sharding.py)
-            from .sharding import constrain_cache
-            cache = constrain_cache(cache, self.mesh, self.sharding_rules)
-        return logits, cache
+        return logits, self.runtime.constrain_cache(cache)
 
-    def _pallas_attention(self, fn: str, *args, **kw):
-        """pallas_kernels.banded_attention.`fn`; on a mesh inside shard_map (heads over `model`,
-        rows over `data`), since a Pallas call cannot be partitioned automatically."""
-        from pallas_kernels import banded_attention
+    def within_runtime(self, method, out_specs, *args):
+        """Run `method(self, *args)` in the runtime's sharding regime: on a mesh with Explicit axes
+        under Auto axes (`Runtime.auto_region`; the outputs get `out_specs`, a pytree of
+        PartitionSpecs), with the parameters passed in as arguments so they are converted too.
+        The model's entry points (`forward`, `forward_cached`) and generation's jitted loops use it."""
+        if not self.runtime.explicit:
+            return method(self, *args)
+        graphdef, state = nnx.split(self)
 
-        if fn == "prefill_attention":  # empty cache: the chunk alone, n valid keys per row
-            f = lambda q, k, v, sinks, n: banded_attention.attention(q, k, v, sinks, kv_len=n, **kw)  # noqa: E731
-        else:
-            f = functools.partial(getattr(banded_attention, fn), **kw)
-        if getattr(self, "mesh", None) is None:
-            return f(*args)
-        from .sharding import attention_sharded
-        return attention_sharded(f, args, self.mesh, self.sharding_rules)
+        def body(state, *args):
+            return method(nnx.merge(graphdef, state), *args)
+
+        return self.runtime.auto_region(body, out_specs)(state, *args)
 
     def to_kernel_layout(self, assume_normal_scales: bool | None = None):
         """Re-lay the MXFP4 experts of every layer for the Pallas kernel (see MoE.to_kernel_layout),
         keeping the expert-parallel placement on a mesh."""
-        from .layers import KERNEL_EXPERT_WEIGHTS
-
-        mesh = getattr(self, "mesh", None)
+        sharding = self.runtime.expert_sharding(self.config.num_local_experts)
+        shardings = None if sharding is None else {n: sharding for n in KERNEL_EXPERT_WEIGHTS}
         for block in self.blocks:
-            shardings = None
-            if mesh is not None:
-                from .sharding import expert_sharding
-                shardings = {n: expert_sharding(mesh, self.sharding_rules, self.config.num_local_experts)
-                             for n in KERNEL_EXPERT_WEIGHTS}
             block.mlp.to_kernel_layout(shardings, assume_normal_scales)
         return self
 
     def __call__(self, input_ids_BT, positions_BT=None):
         if isinstance(input_ids_BT, jax.core.Tracer):
             return self.forward(input_ids_BT, positions_BT)
-        ids = check_token_ids(input_ids_BT, self.config.vocab_size)
-        if getattr(self, "mesh", None) is not None:  # the same host ids on every process -> global array
-            from .sharding import shard_batch
-            ids = shard_batch(np.asarray(ids), self.mesh, self.sharding_rules)
+        ids = self.runtime.place_batch(check_token_ids(input_ids_BT, self.config.vocab_size))
         graphdef, state = nnx.split(self)
         return _jitted_forward(graphdef)(state, ids, positions_BT)
 
@@ -257,19 +258,18 @@ def check_token_ids(input_ids, vocab_size: int) -> jax.Array:
     return jnp.asarray(ids, jnp.int32)
 
 
-def abstract_model(cfg: GptOssConfig, *, dtype="bfloat16", kernels="xla", kernel_layout: bool = False) -> GptOss:
+def abstract_model(cfg: GptOssConfig, *, dtype="bfloat16", runtime: Runtime | None = None,
+                   kernel_layout: bool = False) -> GptOss:
     """The model with ShapeDtypeStruct leaves: shapes and bytes without allocating anything.
     `kernel_layout`: the experts as `load_model(..., kernels="pallas")` holds them (deviceless plans)."""
     def build():
-        m = GptOss(cfg, dtype=dtype, kernels=kernels, rngs=nnx.Rngs(0))
+        m = GptOss(cfg, runtime=runtime, dtype=dtype, rngs=nnx.Rngs(0))
         return m.to_kernel_layout(assume_normal_scales=True) if kernel_layout else m
     return nnx.eval_shape(build)
 
 
 def count_params(model: GptOss) -> tuple[int, int]:
     """(parameters, bytes); packed MXFP4 counts 2 weights per byte and its scales as bytes only."""
-    from .layers import PackedParam
-
     n_params = n_bytes = 0
     for path, var in nnx.to_flat_state(nnx.state(model)):
         leaf = var.get_value() if hasattr(var, "get_value") else var.value

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["validate_sampling", "filter_logits", "sample", "greedy", "token_logprobs"]
+__all__ = ["validate_sampling", "filter_logits", "sample", "sample_rows", "greedy", "token_logprobs"]
 
 
 def _is_real(x) -> bool:
@@ -147,6 +147,31 @@ def sample(logits: jax.Array, key: jax.Array | None, *, temperature=1.0, top_p=1
     if _is_real(temperature):
         return drawn
     return jnp.where(_per_row(temperature, jnp.float32).reshape(-1) == 0, greedy(logits), drawn)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, *, temperature: jax.Array, top_p: jax.Array,
+                top_k: jax.Array) -> jax.Array:
+    """One token per row of ``logits`` [B, V] with per-row (traced) parameters, int32 [B].
+
+    ``temperature`` [B] (0: that row is greedy, exactly ``argmax``), ``top_p`` [B] (1: off), ``top_k`` [B]
+    (0 or >= V: off), ``keys`` [B] one PRNG key per row (a row's draw does not depend on the others).
+    Validate host values with :func:`validate_sampling`. The filters and the draw are skipped (``lax.cond``)
+    when no row needs them, so a greedy or unfiltered batch pays no vocabulary sort.
+    """
+    v = logits.shape[-1]
+    greedy_tok = greedy(logits)
+
+    def draw(_):
+        k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+        p = jnp.where(top_p < 1, top_p, 2.0)  # 2: keeps the whole tail, whatever the float rounding
+        t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        masked = jax.lax.cond(jnp.any((k < v) | (p < 1)),
+                              lambda: filter_logits(logits, temperature=temperature, top_p=p, top_k=k),
+                              lambda: logits.astype(jnp.float32) / t)
+        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature == 0, greedy_tok, drawn)
+
+    return jax.lax.cond(jnp.all(temperature == 0), lambda _: greedy_tok, draw, None)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:

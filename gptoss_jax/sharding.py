@@ -1,4 +1,4 @@
-"""Sharding: one device mesh (`data`, `expert`, `model`), one rules table, expert parallelism.
+"""Sharding specs and placements: one device mesh (`data`, `expert`, `model`), one rules table.
 
 Mesh axes (any subset, any of size 1):
   data    batch rows (activations, KV cache rows);
@@ -9,12 +9,11 @@ Mesh axes (any subset, any of size 1):
 axis whose dimension is not divisible by its mesh axis size is replicated instead (e.g. 8 kv heads
 on a model axis of 16), except the expert axis, which must divide the expert count.
 
-The MoE runs in `shard_map`: the routing (a small [M, E] matmul) is computed outside, tokens are
-already replicated over `expert` (they are only split over `data`), so every device of an expert
-group runs the dropless grouped matmul of `layers.experts_xla` on its own E/n experts
-(rows routed elsewhere contribute zero) and one `psum` over `expert` combines them. Inside the map
-the rows are additionally split over `model` where divisible, so model-parallel devices do not
-repeat each other's expert work. See docs/sharding.md for the trade-offs against all-to-all.
+This module computes PartitionSpecs and places host arrays only. The computations that need the
+mesh (the expert-parallel MoE and the attention kernels in `shard_map`) are the op objects of
+`gptoss_jax.ops`, and `gptoss_jax.runtime.Runtime` carries the mesh and rules into the model.
+Any mesh works: `make_mesh` below, `jax.make_mesh` (Explicit axes, JAX's default) or
+`jax.sharding.Mesh` (Auto axes).
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ import math
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from .params import param_leaves
 
 AXES = ("data", "expert", "model")
 
@@ -146,41 +146,12 @@ def parse_mesh(spec: str) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 def param_specs(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict[tuple, P]:
     """Parameter path -> PartitionSpec for every parameter of `model` (concrete or abstract)."""
-    from .params import param_leaves
-
     return {p: rules.spec(rules.logical(str(p[-1]))[:len(leaf.shape)], leaf.shape, mesh)
             for p, leaf in param_leaves(model).items()}
 
 
 def param_shardings(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> dict[tuple, NamedSharding]:
     return {p: NamedSharding(mesh, s) for p, s in param_specs(model, mesh, rules).items()}
-
-
-def attach(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """Record the mesh on the model (static, part of the graphdef): the MoE layers then dispatch
-    through `experts_sharded`, inputs are placed batch-over-data and the KV cache is constrained
-    to its rules. Parameters must already carry the shardings of `param_shardings`."""
-    E = model.config.num_local_experts
-    n_e = mesh.shape.get(rules.experts, 1) if rules.experts else 1
-    if E % n_e:
-        raise ValueError(f"{E} experts are not divisible by the expert mesh axis of size {n_e}")
-    model.mesh = mesh
-    model.sharding_rules = rules
-    for block in model.blocks:
-        block.mlp.mesh = mesh
-        block.mlp.sharding_rules = rules
-    return model
-
-
-def shard_model(model, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """Reshard an already loaded (e.g. single-device) model onto `mesh` and attach it."""
-    from .params import assemble, param_leaves
-
-    sh = param_shardings(model, mesh, rules)
-    arrays = {p: jax.device_put(v, sh[p]) for p, v in param_leaves(model).items()}
-    new = assemble(model, arrays)
-    new.generation_defaults = model.generation_defaults
-    return attach(new, mesh, rules)
 
 
 def batch_spec(batch: int, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES, ndim: int = 2) -> P:
@@ -207,83 +178,32 @@ def cache_specs(cache, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
                          lengths=rules.spec(("batch",), cache.lengths.shape, mesh))
 
 
-def constrain_cache(cache, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """with_sharding_constraint on every cache array (inside jit)."""
-    specs = cache_specs(cache, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, s)), cache, specs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Expert parallelism
-# ---------------------------------------------------------------------------------------------
-def _token_axes(M: int, mesh: Mesh, rules: ShardingRules) -> tuple[str, ...]:
-    """Mesh axes that split the M routed tokens inside the MoE map: data (as the batch), then model
-    (so model-parallel devices share the expert work), each only while it divides M."""
-    axes, n = [], 1
-    for ax in (rules.batch, rules.heads):
-        if ax and ax in mesh.shape and mesh.shape[ax] > 1 and ax != rules.experts and M % (n * mesh.shape[ax]) == 0:
-            axes.append(ax)
-            n *= mesh.shape[ax]
-    return tuple(axes)
-
-
-def experts_sharded(x_MD, weights_Mk, idx_Mk, p, cfg, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES,
-                    run=None):
-    """The MoE over the mesh: dropless, every token's k experts evaluated exactly once.
-
-    Tokens [M, D] split over data (and model) enter a shard_map; each expert-axis device evaluates
-    its E/n experts with `run` (default `experts_xla`, given the global id offset of its slice) and
-    a psum over `expert` sums the k contributions of each token. Output: [M, D] split like the input.
-    """
-    from .layers import experts_xla
-
-    run = experts_xla if run is None else run
-    M, D = x_MD.shape
-    E = cfg.num_local_experts
-    ex = rules.experts if rules.experts and rules.experts in mesh.shape else None
-    n_e = mesh.shape[ex] if ex else 1
-    if E % n_e:
-        raise ValueError(f"{E} experts are not divisible by the expert mesh axis of size {n_e}")
-    tok = _token_axes(M, mesh, rules)
-    tok_spec = P(tok if tok else None, None)
-    e_spec = {name: P(ex if n_e > 1 else None, *([None] * (v.ndim - 1))) for name, v in p.items()}
-
-    def local(x, w, idx, pl):
-        if n_e == 1:
-            return run(x, w, idx, pl, cfg)
-        offset = jax.lax.axis_index(ex) * (E // n_e)
-        y = run(x, w, idx, pl, cfg, expert_offset=offset)
-        return jax.lax.psum(y, ex)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, e_spec), out_specs=tok_spec,
-                         check_vma=False)(x_MD, weights_Mk, idx_Mk, p)
-
-
 def expert_sharding(mesh: Mesh, rules: ShardingRules, num_experts: int) -> NamedSharding:
     """Sharding of a [E, ...] expert array: E over the expert axis, the rest replicated."""
     return NamedSharding(mesh, rules.spec(("experts",), (num_experts,), mesh))
 
 
-def attention_sharded(fn, args, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES):
-    """Run an attention kernel `fn(*args)` per shard: arrays [B, T|S, heads, H] split B over data and
-    heads over model (q heads and kv heads only together, so each shard keeps whole GQA groups),
-    [N] sinks like the q heads, [B] per-row lengths like B. Tensor-parallel attention, no
-    communication inside."""
-    q = args[0]
-    B, N = q.shape[0], q.shape[2]
-    K = next(a.shape[2] for a in args[1:] if a.ndim == 4)
-    b_ax = rules.spec(("batch",), (B,), mesh)[0]
-    h_ax = rules.spec(("heads",), (math.gcd(N, K),), mesh)[0]
+def expert_axis_size(mesh: Mesh | None, rules: ShardingRules, num_experts: int) -> int:
+    """Devices along the expert axis (1 without one); it must divide the expert count."""
+    ax = rules.experts
+    n = mesh.shape[ax] if mesh is not None and ax and ax in mesh.shape else 1
+    if num_experts % n:
+        raise ValueError(f"{num_experts} experts are not divisible by the expert mesh axis of size {n}")
+    return n
 
-    def spec(a):
-        if a.ndim == 4:
-            return P(b_ax, None, h_ax, None)
-        if a.ndim == 1 and a.shape[0] == N and a.dtype != jnp.int32:
-            return P(h_ax)
-        return P(b_ax)  # [B] int32 lengths / offsets
 
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in args), out_specs=spec(q),
-                         check_vma=False)(*args)
+def compute_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with every axis Auto: the mesh the model's sharding
+    constraints and shard_maps are written for. A mesh with Explicit axes (`jax.make_mesh`'s
+    default) keeps its own types outside: `Runtime.auto_region` runs the model under `auto_axes`."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def is_explicit(mesh: Mesh | None) -> bool:
+    return mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +211,6 @@ def attention_sharded(fn, args, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
 # ---------------------------------------------------------------------------------------------
 def bytes_per_device(model) -> dict:
     """{device: bytes of parameters resident there} (addressable devices only)."""
-    from .params import param_leaves
-
     out: dict = {}
     for leaf in param_leaves(model).values():
         for s in leaf.addressable_shards:

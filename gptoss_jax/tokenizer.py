@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 
 import tiktoken
+import tiktoken.load
 
 __all__ = [
     "ENCODING_NAME",
@@ -158,8 +159,6 @@ def load_o200k_base_ranks(encodings_base: str | os.PathLike | None = None) -> di
             )
         ranks = _parse_tiktoken_bpe(contents)
     else:
-        import tiktoken.load
-
         try:
             ranks = tiktoken.load.load_tiktoken_bpe(O200K_BASE_URL, expected_hash=O200K_BASE_SHA256)
         except ValueError as e:  # tiktoken's hash check of the downloaded file

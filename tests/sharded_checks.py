@@ -2,6 +2,7 @@
 device count set, which a pytest process that already imported jax cannot change).
 
   python tests/sharded_checks.py meshes CKPT OUT.json        8 CPU devices, several meshes
+  python tests/sharded_checks.py kinds CKPT OUT.json         8 CPU devices, every way to build a mesh
   python tests/sharded_checks.py host I PORT CKPT OUT.npy    process I of 2 (2 CPU devices each)
 
 Everything compared is computed here from the same checkpoint: the single-device model is the
@@ -16,7 +17,7 @@ import time
 mode = sys.argv[1]
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                           + ("8" if mode == "meshes" else "2"))
+                           + ("2" if mode == "host" else "8"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -78,7 +79,7 @@ def run_meshes(ckpt, out):
         # the decode cache after prefill: shardings of k/v
         from gptoss_jax.generate import _prefill, _setup
         from flax import nnx
-        pids, plens, _, max_len, chunk = _setup(m, prompts, 4, 0.0, None, None, (), None, 512)
+        pids, plens, _, max_len, chunk = _setup(m, prompts, 4, 0.0, None, None, 0, (), None, 512)
         gd, st = nnx.split(m)
         cache, _ = _prefill(gd, st, pids, plens, max_len, chunk)
         cwant = shd.cache_specs(cache, mesh)
@@ -118,6 +119,84 @@ def run_meshes(ckpt, out):
                        kv_heads=cfg.num_key_value_heads, heads=cfg.num_attention_heads), f)
 
 
+def build_mesh(kind, shape, devices):
+    """The same (data, expert, model) mesh, built the three ways users do."""
+    from jax.sharding import AxisType, Mesh
+
+    from gptoss_jax import sharding as shd
+
+    if kind == "jax.make_mesh":  # Explicit axes: JAX 0.10's default
+        return jax.make_mesh(shape, shd.AXES, devices=devices)
+    if kind == "jax.sharding.Mesh":  # Auto axes
+        mesh = Mesh(np.asarray(devices, dtype=object).reshape(shape), shd.AXES)
+        assert all(t == AxisType.Auto for t in mesh.axis_types)
+        return mesh
+    return shd.make_mesh(*shape, devices=devices)
+
+
+MESH_KINDS = ("jax.make_mesh", "jax.sharding.Mesh", "gptoss_jax.sharding.make_mesh")
+# 1, 2, 4 and 8 devices: the Explicit kind (JAX's default) on each, every kind on 8
+KIND_RUNS = [("jax.make_mesh", (1, 1, 1)), ("jax.make_mesh", (1, 2, 1)), ("jax.make_mesh", (1, 2, 2))] + \
+    [(kind, (2, 2, 2)) for kind in MESH_KINDS]
+
+
+def loss_and_grads(model, ids):
+    """Fine-tuning's loss and the gradients of two dense weights (full fine-tuning's first step)."""
+    from flax import nnx
+
+    from gptoss_jax.finetune import loss_fn
+
+    mask = np.ones(ids.shape, bool)
+    loss, grads = jax.jit(lambda m, i, k: nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param))(m, i, k))(
+        model, ids, mask)
+    return float(loss), np.asarray(grads["lm_head_VD"][...]), np.asarray(grads["blocks"][1]["attn"]["wo_NHD"][...])
+
+
+def run_kinds(ckpt, out):
+    """model(ids), generate, a fine-tuning gradient and the aot compile on every kind of mesh."""
+    from gptoss_jax import aot, load_model
+    from gptoss_jax.generate import generate
+
+    ref = load_model(ckpt, dtype="float32", kernels="xla", progress=False)
+    cfg = ref.config
+    ids = ids_for(cfg, 8, 24)
+    ref_logits = np.asarray(ref(ids))
+    prompts = [ids_for(cfg, 1, n, seed=10 + i)[0].tolist() for i, n in enumerate(PROMPT_LENS)]
+    ref_gen = generate(ref, prompts, max_new_tokens=12, temperature=0.0, stop_tokens=())
+    ref_loss, ref_g1, ref_g2 = loss_and_grads(ref, ids)
+    results = []
+    for kind, shape in KIND_RUNS:
+        devices = jax.devices()[:int(np.prod(shape))]
+        t = time.perf_counter()
+        mesh = build_mesh(kind, shape, devices)
+        m = load_model(ckpt, dtype="float32", kernels="xla", progress=False, mesh=mesh)
+        logits = m(ids)
+        gen = generate(m, prompts, max_new_tokens=12, temperature=0.0, stop_tokens=())
+        loss, g1, g2 = loss_and_grads(m, ids)
+        wq = m.blocks[0].attn.wq_DNH[...]
+        r = dict(kind=kind, mesh=list(shape), axis_types=[str(a) for a in mesh.axis_types],
+                 rel_err=rel(logits, ref_logits), tokens_equal=bool(np.array_equal(gen.tokens, ref_gen.tokens)),
+                 loss_err=abs(loss - ref_loss) / abs(ref_loss), grad_err=max(rel(g1, ref_g1), rel(g2, ref_g2)),
+                 params_on_user_mesh=bool(wq.sharding.mesh == mesh),
+                 logits_on_user_mesh=bool(logits.sharding.mesh == mesh),
+                 seconds=round(time.perf_counter() - t, 1))
+        if shape == (2, 2, 2):
+            np.save(out + f".{kind}.npy", np.asarray(logits))
+            # the deployment plan's programs (gptoss-jax aot), compiled for this mesh
+            p = aot.plan_for_mesh(cfg, mesh, batch=8, max_len=64, prefill_chunk=16)
+            r["aot_programs"] = sorted(p["programs"])
+        results.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    mesh = build_mesh("jax.make_mesh", (2, 2, 2), jax.devices())
+    m = load_model(ckpt, dtype="float32", kernels="pallas", progress=False, mesh=mesh)
+    gen = generate(m, prompts, max_new_tokens=12, temperature=0.0, stop_tokens=())
+    pallas = dict(rel_err=rel(m(ids), ref_logits), tokens_equal=bool(np.array_equal(gen.tokens, ref_gen.tokens)))
+    print(json.dumps(pallas), file=sys.stderr, flush=True)
+    np.save(out + ".ids.npy", ids)
+    with open(out, "w") as f:
+        json.dump(dict(results=results, pallas=pallas), f)
+
+
 def run_host(i, port, ckpt, out):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=i)
@@ -132,8 +211,13 @@ def run_host(i, port, ckpt, out):
     ids = ids_for(m.config, 2, 24)  # the same host array on both processes
     logits = multihost_utils.process_allgather(m(ids), tiled=True)
     per_dev = sorted(set(shd.bytes_per_device(m).values()))
+    # the same over a mesh from jax.make_mesh (Explicit axes)
+    explicit = load_model(ckpt, dtype="float32", kernels="xla", progress=False,
+                          mesh=jax.make_mesh((1, 2, 2), shd.AXES))
+    logits_explicit = multihost_utils.process_allgather(explicit(ids), tiled=True)
     if i == 0:
         np.save(out, np.asarray(logits))
+        np.save(out + ".explicit.npy", np.asarray(logits_explicit))
         with open(out + ".json", "w") as f:
             json.dump(dict(param_bytes_per_local_device=per_dev), f)
     jax.distributed.shutdown()
@@ -142,5 +226,7 @@ def run_host(i, port, ckpt, out):
 if __name__ == "__main__":
     if mode == "meshes":
         run_meshes(sys.argv[2], sys.argv[3])
+    elif mode == "kinds":
+        run_kinds(sys.argv[2], sys.argv[3])
     else:
         run_host(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -205,3 +206,41 @@ def test_cli_chat_runs_turns(full_vocab_ckpt):
 def test_cli_reports_bad_model_path():
     r = run_cli("generate", "--model", "/no/such/model", "--prompt", "x")
     assert r.returncode != 0 and "no such folder" in r.stderr
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+def test_sampling_settings_and_lengths_in_a_bucket_never_recompile(model):
+    """temperature / top-p / top-k / seed are traced per-row arrays, and max_new_tokens values of one
+    bucket share the decode loop: after the first call, 5 settings x 3 lengths compile nothing."""
+    compiled = []
+
+    def listener(event, duration, **kw):
+        if event == BACKEND_COMPILE:
+            compiled.append(kw.get("fun_name", "?"))
+
+    ids = random_ids(CFG, 2, 20, seed=8)
+    settings = [dict(temperature=0.7, top_p=0.9, top_k=None, seed=1), dict(temperature=1.3, top_p=1.0, top_k=5, seed=2),
+                dict(temperature=0.0, top_p=1.0, top_k=None, seed=0), dict(temperature=0.5, top_p=0.5, top_k=50, seed=3),
+                dict(temperature=1.0, top_p=0.95, top_k=1, seed=4)]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        generate(model, ids, max_new_tokens=20, temperature=0.9, top_p=0.8, top_k=3, seed=9)  # warm-up
+        generate_stream_tokens = list(generate_stream(model, ids, max_new_tokens=20, temperature=0.9, seed=9))
+        assert compiled, "the listener saw no compile at all"
+        n_warm = len(compiled)
+        outs = []
+        for s in settings:
+            for n in (17, 24, 32):  # one bucket (32)
+                outs.append(generate(model, ids, max_new_tokens=n, **s))
+                list(generate_stream(model, ids, max_new_tokens=n, **s))
+        assert compiled[n_warm:] == [], compiled[n_warm:]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(generate_stream_tokens) == 20
+    assert all(o.tokens.shape == (2, n) for o, n in zip(outs, [17, 24, 32] * 5))
+    # one bucket, traced lengths: the greedy runs of 17 / 24 / 32 tokens are prefixes of each other
+    g17, g24, g32 = outs[6:9]
+    assert np.array_equal(g32.tokens[:, :17], g17.tokens) and np.array_equal(g32.tokens[:, :24], g24.tokens)
+    assert list(g17.lengths) == [17, 17] and list(g32.lengths) == [32, 32]

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import tokenizer
 from ..config import GptOssConfig
 from ..params import ParamPath, param_leaves
 from .atomic import atomic_dir
@@ -42,8 +43,6 @@ def save_checkpoint(model, dst: str, *, layout: str = "hf", num_shards: int | No
 def _generation_config(cfg: GptOssConfig) -> dict:
     """As released for the o200k_harmony vocabulary (stop on <|return|>, <|endoftext|>, <|call|>);
     a test vocabulary of another size stops on its own eos only."""
-    from .. import tokenizer
-
     if cfg.vocab_size == tokenizer.VOCAB_SIZE:
         return {"bos_token_id": tokenizer.STARTOFTEXT, "do_sample": True,
                 "eos_token_id": list(tokenizer.DEFAULT_STOP_TOKEN_IDS), "pad_token_id": cfg.pad_token_id}
