@@ -206,25 +206,32 @@ def _setup(model: GptOss, input_ids, max_new_tokens, temperature, top_p, top_k, 
     return ids, lengths, s, max_len, max(MIN_BUCKET, int(prefill_chunk))
 
 
-def _prefill(graphdef, state, ids, lengths, max_len, chunk):
-    """Bucketed (power-of-two, chunk-capped) prefill; returns (cache, logits at each row's last token)."""
+def _prefill(model: GptOss, graphdef, state, ids, lengths, max_len, chunk):
+    """Bucketed (power-of-two, chunk-capped) prefill; returns (cache, logits at each row's last token).
+    Host arrays enter as global arrays (`Runtime.place_batch`), so this runs on several processes too."""
     B, longest = ids.shape
     T = min(max(MIN_BUCKET, _next_pow2(longest)), chunk)
     n_chunks = -(-longest // T)
     padded = np.zeros((B, n_chunks * T), np.int32)
     padded[:, :longest] = ids
+    put = model.runtime.place_batch
     cache = last_logits = None
     for c in range(n_chunks):
-        n_new = jnp.asarray(np.clip(lengths - c * T, 0, T).astype(np.int32))
-        last = jnp.asarray(np.clip(lengths - c * T - 1, 0, T - 1).astype(np.int32))
-        chunk_ids = jnp.asarray(padded[:, c * T:(c + 1) * T])
+        n_new = put(np.clip(lengths - c * T, 0, T).astype(np.int32))
+        last = put(np.clip(lengths - c * T - 1, 0, T - 1).astype(np.int32))
+        chunk_ids = put(padded[:, c * T:(c + 1) * T])
         if cache is None:
             logits, cache = _prefill_first(graphdef, state, chunk_ids, n_new, last, max_len)
         else:
             logits, cache = prefill_step(graphdef, state, chunk_ids, cache, n_new, last)
-        ends_here = jnp.asarray((lengths > c * T) & (lengths <= (c + 1) * T))[:, None]
-        last_logits = logits if last_logits is None else jnp.where(ends_here, logits, last_logits)
+        ends_here = (lengths > c * T) & (lengths <= (c + 1) * T)
+        last_logits = logits if last_logits is None else _select_rows(put(ends_here), logits, last_logits)
     return cache, last_logits
+
+
+@jax.jit
+def _select_rows(take_B, new_BV, old_BV):
+    return jnp.where(take_B[:, None], new_BV, old_BV)
 
 
 def generate(model: GptOss, input_ids, *, max_new_tokens: int, temperature: float | None = None,
@@ -237,8 +244,8 @@ def generate(model: GptOss, input_ids, *, max_new_tokens: int, temperature: floa
     ids, lengths, s, max_len, chunk = _setup(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed,
                                              stop_tokens, prompt_lengths, prefill_chunk)
     graphdef, state = nnx.split(model)
-    cache, logits0 = _prefill(graphdef, state, ids, lengths, max_len, chunk)
-    tokens, lps, n = _decode_loop(graphdef, state, cache, logits0, s, jnp.int32(max_new_tokens),
+    cache, logits0 = _prefill(model, graphdef, state, ids, lengths, max_len, chunk)
+    tokens, lps, n = _decode_loop(graphdef, state, cache, logits0, s, np.int32(max_new_tokens),
                                   decode_bucket(max_new_tokens))
     n_out = int(max_new_tokens)
     return GenerationResult(tokens=np.asarray(tokens)[:, :n_out], lengths=np.asarray(n),
@@ -254,7 +261,7 @@ def generate_stream(model: GptOss, input_ids, *, max_new_tokens: int, temperatur
     ids, lengths, s, max_len, chunk = _setup(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed,
                                              stop_tokens, prompt_lengths, prefill_chunk)
     graphdef, state = nnx.split(model)
-    cache, logits0 = _prefill(graphdef, state, ids, lengths, max_len, chunk)
+    cache, logits0 = _prefill(model, graphdef, state, ids, lengths, max_len, chunk)
     tok, _ = _pick_first(graphdef, state, logits0, s)
     done = _is_stop(tok, s)
     yield np.asarray(tok)

@@ -81,7 +81,7 @@ def run_meshes(ckpt, out):
         from flax import nnx
         pids, plens, _, max_len, chunk = _setup(m, prompts, 4, 0.0, None, None, 0, (), None, 512)
         gd, st = nnx.split(m)
-        cache, _ = _prefill(gd, st, pids, plens, max_len, chunk)
+        cache, _ = _prefill(m, gd, st, pids, plens, max_len, chunk)
         cwant = shd.cache_specs(cache, mesh)
         cache_ok = all(a.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, s), a.ndim)
                        for a, s in zip(cache.k + cache.v, cwant.k + cwant.v))
@@ -215,9 +215,17 @@ def run_host(i, port, ckpt, out):
     explicit = load_model(ckpt, dtype="float32", kernels="xla", progress=False,
                           mesh=jax.make_mesh((1, 2, 2), shd.AXES))
     logits_explicit = multihost_utils.process_allgather(explicit(ids), tiled=True)
+    from gptoss_jax.generate import generate
+
+    prompts = [ids_for(m.config, 1, n, seed=10 + j)[0].tolist() for j, n in enumerate(PROMPT_LENS[:2])]
+    # rows are split over `data` (size 1 here): the tokens are replicated, whole on every process
+    gen = {name: generate(mm, prompts, max_new_tokens=12, temperature=0.0, stop_tokens=()).tokens
+           for name, mm in (("auto", m), ("explicit", explicit))}
     if i == 0:
         np.save(out, np.asarray(logits))
         np.save(out + ".explicit.npy", np.asarray(logits_explicit))
+        for name, toks in gen.items():
+            np.save(out + f".tokens_{name}.npy", np.asarray(toks))
         with open(out + ".json", "w") as f:
             json.dump(dict(param_bytes_per_local_device=per_dev), f)
     jax.distributed.shutdown()

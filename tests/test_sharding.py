@@ -200,6 +200,14 @@ def test_two_processes_match_single_device(ckpt, tmp_path):
     explicit = np.load(out + ".explicit.npy")
     assert rel_err(explicit, ref) <= TOL
     assert rel_err(explicit, hf_logits(hf_reference(ckpt), ids)) <= 1e-4
+    # generate across the two processes: the greedy tokens of one device, on either mesh kind
+    from gptoss_jax.generate import generate
+
+    prompts = [np.random.default_rng(10 + j).integers(0, CFG.vocab_size, size=(1, n)).astype(np.int32)[0].tolist()
+               for j, n in enumerate((21, 9))]  # sharded_checks.py: PROMPT_LENS[:2], ids_for
+    want = generate(ref_model, prompts, max_new_tokens=12, temperature=0.0, stop_tokens=()).tokens
+    for name in ("auto", "explicit"):
+        assert np.array_equal(np.load(out + f".tokens_{name}.npy"), want), name
     with open(out + ".json") as f:
         per_dev = json.load(f)["param_bytes_per_local_device"]
     total = sum(v.nbytes for v in param_leaves(ref_model).values())
