@@ -47,14 +47,19 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def mesh_results(ckpt, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("shard_out") / "results.json")
-    r = subprocess.run([sys.executable, SCRIPT, "meshes", ckpt, out], env=_env(), capture_output=True, text=True,
+def _run_checks(mode, ckpt, tmp_path_factory):
+    """Run sharded_checks.py `mode` on 8 CPU devices; (its results file, the results)."""
+    out = str(tmp_path_factory.mktemp(f"{mode}_out") / "results.json")
+    r = subprocess.run([sys.executable, SCRIPT, mode, ckpt, out], env=_env(), capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     with open(out) as f:
-        return json.load(f)
+        return out, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def mesh_results(ckpt, tmp_path_factory):
+    return _run_checks("meshes", ckpt, tmp_path_factory)[1]
 
 
 def _by_mesh(results):
@@ -217,12 +222,7 @@ def test_two_processes_match_single_device(ckpt, tmp_path):
 # ---- every way to build a mesh (8 CPU devices, subprocess) ------------------------------------------
 @pytest.fixture(scope="module")
 def kind_results(ckpt, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("kinds_out") / "results.json")
-    r = subprocess.run([sys.executable, SCRIPT, "kinds", ckpt, out], env=_env(), capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    with open(out) as f:
-        return out, json.load(f)
+    return _run_checks("kinds", ckpt, tmp_path_factory)
 
 
 KIND_RUNS = [("jax.make_mesh", (1, 1, 1)), ("jax.make_mesh", (1, 2, 1)), ("jax.make_mesh", (1, 2, 2))] + \
