@@ -267,7 +267,8 @@ from gptoss_jax.sharding import make_mesh
 assert jax.device_count() == 4
 fc = FinetuneConfig(steps=2, batch_size=2, seq_len=int(sys.argv[3]), lr=1e-2, lora_rank=4)
 out = {}
-for name, mesh in (("single", None), ("sharded", make_mesh(data=2, expert=2))):
+explicit = jax.make_mesh((2, 2, 1), ("data", "expert", "model"))  # Explicit axes (jax.make_mesh's default)
+for name, mesh in (("single", None), ("sharded", make_mesh(data=2, expert=2)), ("explicit", explicit)):
     # sharded: experts split over 2 devices by load_model, batch rows over the 2 of "data"
     model = load_model(base, dtype="float32", kernels="xla", progress=False, mesh=mesh)
     res = finetune(model, data, fc, mesh=mesh, progress=False)
@@ -282,7 +283,8 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_data_parallel_on_a_mesh_matches_single_device(base):
     """4 forced CPU devices, a model loaded on a (data=2, expert=2) mesh: batch rows split over "data",
-    experts over "expert" (expert parallel), adapters replicated: same losses as on one device."""
+    experts over "expert" (expert parallel), adapters replicated: same losses as on one device; the
+    same on a mesh from jax.make_mesh (Explicit axes)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, base, json.dumps(DATA), str(SEQ)],
@@ -293,3 +295,5 @@ def test_data_parallel_on_a_mesh_matches_single_device(base):
     assert out["single"]["devices"] == 1 and out["sharded"]["devices"] == 4
     assert out["sharded"]["expert_shard"][0] == CFG.num_local_experts // 2
     np.testing.assert_allclose(out["sharded"]["losses"], out["single"]["losses"], rtol=1e-5)
+    assert out["explicit"]["devices"] == 4 and out["explicit"]["expert_shard"] == out["sharded"]["expert_shard"]
+    np.testing.assert_allclose(out["explicit"]["losses"], out["single"]["losses"], rtol=1e-5)
