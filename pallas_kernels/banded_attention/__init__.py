@@ -19,9 +19,14 @@ Public API
     S_cache = max_len); sliding layers a ring of S_cache = W slots (position p at slot p % W). The
     caller writes k_new/v_new afterwards (slot p, resp. p % W).
 
-impl: "auto" (GPU -> "triton", TPU -> "mosaic", otherwise "interpret"), "triton", "mosaic",
-"interpret" (Triton-style kernel, Pallas interpreter), "interpret_mosaic" (TPU kernel,
-Pallas interpreter), "reference" (pure jnp, materialises the scores).
+impl (``pallas_kernels.impl.Impl`` or its string value, one vocabulary for every kernel package):
+"auto" (GPU -> "triton", TPU -> "mosaic", otherwise ``CPU_DEFAULT_IMPL`` = "triton_interpret"),
+"triton", "mosaic", "triton_interpret" / "mosaic_interpret" (that kernel body under the Pallas
+interpreter), "reference" (pure jnp, materialises the scores). ``resolve_impl(impl)`` returns the
+``Impl`` these functions would run here.
+
+Every ``pallas_call`` (prefill forward, decode partials, dq and dk/dv backward; Triton and
+Mosaic) carries a ``pl.CostEstimate`` (``common.attention_cost_estimate``).
 """
 from __future__ import annotations
 
@@ -30,24 +35,30 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..impl import Impl, resolve
 from . import common, reference
 from . import triton as _triton
 
-__all__ = ["attention", "decode_attention", "attention_reference", "decode_reference"]
+__all__ = ["CPU_DEFAULT_IMPL", "Impl", "attention", "decode_attention", "attention_reference",
+           "decode_reference", "resolve_impl"]
 
 attention_reference = reference.attention_reference
 decode_reference = reference.decode_reference
 
-_IMPLS = ("auto", "triton", "mosaic", "interpret", "interpret_mosaic", "reference")
+CPU_DEFAULT_IMPL = Impl.TRITON_INTERPRET  # impl="auto" off GPU/TPU: the Triton body, interpreted
 
 
-def _resolve(impl):
-  if impl not in _IMPLS:
-    raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  backend = jax.default_backend()
-  return {"gpu": "triton", "cuda": "triton", "tpu": "mosaic"}.get(backend, "interpret")
+def resolve_impl(impl: str | Impl = Impl.AUTO) -> Impl:
+  """`impl` resolved for this package (AUTO off GPU/TPU -> `CPU_DEFAULT_IMPL`)."""
+  return resolve(impl, cpu_default=CPU_DEFAULT_IMPL)
+
+
+def _kernels(impl: Impl):
+  """The kernel module of a resolved non-reference impl (triton.py or tpu.py)."""
+  if impl.body is Impl.TRITON:
+    return _triton
+  from . import tpu as _tpu
+  return _tpu
 
 
 def _rows(x, b):
@@ -60,16 +71,11 @@ def _check_window(window):
     raise ValueError(f"window must be None or a positive int, got {window!r}")
 
 
-def _forward(q, k, v, sinks, q_offset, kv_len, window, sm_scale, impl, return_lse=True):
-  if impl in ("triton", "interpret"):
-    return _triton.prefill_forward(q, k, v, sinks, q_offset, kv_len, window=window,
-                                   sm_scale=sm_scale, return_lse=return_lse,
-                                   interpret=impl == "interpret")
-  if impl in ("mosaic", "interpret_mosaic"):
-    from . import tpu as _tpu
-    return _tpu.prefill_forward(q, k, v, sinks, q_offset, kv_len, window=window,
-                                sm_scale=sm_scale, return_lse=return_lse,
-                                interpret=impl == "interpret_mosaic")
+def _forward(q, k, v, sinks, q_offset, kv_len, window, sm_scale, impl: Impl, return_lse=True):
+  if impl.body is not Impl.REFERENCE:
+    return _kernels(impl).prefill_forward(q, k, v, sinks, q_offset, kv_len, window=window,
+                                          sm_scale=sm_scale, return_lse=return_lse,
+                                          interpret=impl.interpret)
   return reference.attention_reference(q, k, v, sinks, window=window, q_offset=q_offset,
                                        kv_len=kv_len, sm_scale=sm_scale, return_lse=True)
 
@@ -86,15 +92,10 @@ def _attention_fwd(q, k, v, sinks, q_offset, kv_len, window, sm_scale, impl):
 
 def _attention_bwd(window, sm_scale, impl, res, do):
   q, k, v, sinks, q_offset, kv_len, out, lse = res
-  if impl in ("triton", "interpret"):
-    dq, dk, dv = _triton.prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, window=window,
-                                          sm_scale=sm_scale, interpret=impl == "interpret")
-    dsinks = common.sink_grad(sinks, out, lse, do)
-    return dq, dk, dv, dsinks, None, None
-  if impl in ("mosaic", "interpret_mosaic"):
-    from . import tpu as _tpu
-    dq, dk, dv = _tpu.prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, window=window,
-                                       sm_scale=sm_scale, interpret=impl == "interpret_mosaic")
+  if impl.body is not Impl.REFERENCE:
+    dq, dk, dv = _kernels(impl).prefill_backward(q, k, v, out, lse, do, q_offset, kv_len,
+                                                 window=window, sm_scale=sm_scale,
+                                                 interpret=impl.interpret)
     dsinks = common.sink_grad(sinks, out, lse, do)
     return dq, dk, dv, dsinks, None, None
   dq, dk, dv, dsinks = common.backward_from_lse(q, k, v, sinks, out, lse, do, q_offset, kv_len,
@@ -106,14 +107,14 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, sinks, *, window=None, q_offset=0, kv_len=None, sm_scale=None,
-              impl="auto"):
+              impl: str | Impl = Impl.AUTO):
   """Prefill/causal attention with sinks; see the module docstring."""
+  impl = resolve_impl(impl)
   _check_window(window)
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   if N % K or v.shape != k.shape or k.shape[0] != B or k.shape[3] != H:
     raise ValueError(f"bad shapes q={q.shape} k={k.shape} v={v.shape}")
-  impl = _resolve(impl)
   sm_scale = float(H ** -0.5 if sm_scale is None else sm_scale)
   q_offset = _rows(q_offset, B)
   kv_len = jnp.full((B,), S, jnp.int32) if kv_len is None else _rows(kv_len, B)
@@ -122,28 +123,22 @@ def attention(q, k, v, sinks, *, window=None, q_offset=0, kv_len=None, sm_scale=
 
 
 def decode_attention(q, k_new, v_new, k_cache, v_cache, sinks, cache_len, *, window=None,
-                     sm_scale=None, impl="auto"):
+                     sm_scale=None, impl: str | Impl = Impl.AUTO):
   """Decode / chunked-prefill attention against a KV cache; see the module docstring."""
+  impl = resolve_impl(impl)
   _check_window(window)
   B, T, N, H = q.shape
   K = k_new.shape[2]
   if k_new.shape != (B, T, K, H) or v_new.shape != k_new.shape or k_cache.shape[0] != B or \
       k_cache.shape[2:] != (K, H) or v_cache.shape != k_cache.shape or N % K:
     raise ValueError(f"bad shapes q={q.shape} k_new={k_new.shape} k_cache={k_cache.shape}")
-  impl = _resolve(impl)
   sm_scale = float(H ** -0.5 if sm_scale is None else sm_scale)
   cache_len = _rows(cache_len, B)
   sinks = jnp.asarray(sinks, jnp.float32)
-  if impl == "reference":
+  if impl.body is Impl.REFERENCE:
     return reference.decode_reference(q, k_new, v_new, k_cache, v_cache, sinks, cache_len,
                                       window=window, sm_scale=sm_scale)
-  if impl in ("triton", "interpret"):
-    acc, m, l, bq = _triton.decode_partials(q, k_cache, v_cache, cache_len, window=window,
-                                            sm_scale=sm_scale, interpret=impl == "interpret")
-  else:
-    from . import tpu as _tpu
-    acc, m, l, bq = _tpu.decode_partials(q, k_cache, v_cache, cache_len, window=window,
-                                         sm_scale=sm_scale,
-                                         interpret=impl == "interpret_mosaic")
+  acc, m, l, bq = _kernels(impl).decode_partials(q, k_cache, v_cache, cache_len, window=window,
+                                                 sm_scale=sm_scale, interpret=impl.interpret)
   return common.combine_partials(q, k_new, v_new, sinks, acc, m, l, bq, window=window,
                                  sm_scale=sm_scale)

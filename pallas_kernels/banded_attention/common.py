@@ -1,9 +1,14 @@
-"""Backend-independent pieces: decode combine (split partials + new tokens + sink) and the
-flash-style backward used by the custom_vjp (recomputes probabilities from the saved lse)."""
+"""Backend-independent pieces: band ranges, decode combine (split partials + new tokens +
+sink), the flash-style backward used by the custom_vjp (recomputes probabilities from the saved
+lse), and the static cost estimates attached to every ``pallas_call``."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from ..cost import nbytes
 
 
 def kv_block_range(qoff, kvlen, t0, *, window, bq, bk, t_len):
@@ -27,6 +32,82 @@ def q_block_range(qoff, kvlen, kb, *, window, bq, bk, t_len):
   t_hi = jnp.where(kb * bk < kvlen, t_hi, 0)
   t_lo = jnp.minimum(t_lo, t_hi)
   return jax.lax.div(t_lo, bq), jax.lax.div(t_hi + bq - 1, bq)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost estimates (static: q_offset / kv_len / cache_len are traced, so a stated typical case)
+# --------------------------------------------------------------------------------------------
+# matmuls per visible (query head, key) pair: forward QK^T + PV; dq: QK^T, dO V^T, dS K;
+# dk/dv: QK^T, dO V^T, P^T dO, dS^T Q. Each is 2 * H flops per pair.
+MATMULS = {"forward": 2, "dq": 3, "dkdv": 4}
+
+
+def prefill_pairs(t_len: int, s_len: int, window: int | None) -> int:
+  """Visible (query, key) pairs per query head of a prefill call, for the usual layout where
+  the T queries are the last T of the S key positions (q_offset = max(S - T, 0), kv_len = S):
+  exact for a full prefill (T = S, q_offset 0) and a chunked-prefill continuation. Query at
+  position p sees keys max(0, p - W + 1) .. min(p, S - 1)."""
+  pos = max(s_len - t_len, 0) + np.arange(t_len, dtype=np.int64)
+  hi = np.minimum(pos + 1, s_len)
+  lo = 0 if window is None else np.maximum(pos - window + 1, 0)
+  return int(np.maximum(hi - lo, 0).sum())
+
+
+def prefill_keys_read(t_len: int, s_len: int, window: int | None) -> int:
+  """Key positions any query of `prefill_pairs`' layout can see (the K/V rows the band reads)."""
+  if window is None:
+    return s_len
+  return s_len - max(0, max(s_len - t_len, 0) - window + 1)
+
+
+def decode_pairs(t_len: int, s_cache: int, window: int | None) -> int:
+  """Visible (query, cached slot) pairs per query head of the decode partials with a full cache
+  (cache_len >= S_cache, the steady state): new token t sees the cached positions
+  > cache_len + t - W, i.e. W - 1 - t of them (at most S_cache), or all S_cache slots."""
+  if window is None:
+    return t_len * s_cache
+  t = np.arange(t_len, dtype=np.int64)
+  return int(np.clip(window - 1 - t, 0, s_cache).sum())
+
+
+def decode_slots_read(s_cache: int, window: int | None) -> int:
+  """Cache slots the decode partials read: all, or the window of a contiguous sliding cache."""
+  return s_cache if window is None else min(s_cache, window)
+
+
+def attention_cost_estimate(*, batch: int, q_heads: int, head_dim: int, pairs: int, kind: str,
+                            operands=(), outputs=(), kv=(), kv_fraction: float = 1.0
+                            ) -> pl.CostEstimate:
+  """Cost of one attention ``pallas_call``: flops = 2 * H * (#matmuls of `kind`) per visible
+  (query head, key) pair, summed over B * N heads; transcendentals = one exp per pair (the
+  probabilities; the per-block rescale exps and the final log are O(rows), not counted);
+  bytes_accessed = the operands and outputs as passed to / returned by the call, the K/V
+  operands `kv` scaled by `kv_fraction` (the part of the sequence the band reads)."""
+  flops = 2 * MATMULS[kind] * head_dim * batch * q_heads * pairs
+  trans = batch * q_heads * pairs
+  byts = nbytes(*operands) + nbytes(*outputs) + int(nbytes(*kv) * kv_fraction)
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(trans), bytes_accessed=int(byts))
+
+
+def prefill_cost(q, k, *, window, kind, operands=(), outputs=(), kv=()):
+  """`attention_cost_estimate` of a prefill-side call (forward, dq or dk/dv): q [B,T,N,H],
+  k [B,S,K,H] give the shapes; `kv` are the K/V-sized operands read only over the band."""
+  B, T, N, H = q.shape
+  S = k.shape[1]
+  return attention_cost_estimate(
+      batch=B, q_heads=N, head_dim=H, pairs=prefill_pairs(T, S, window), kind=kind,
+      operands=operands, outputs=outputs, kv=kv,
+      kv_fraction=prefill_keys_read(T, S, window) / max(S, 1))
+
+
+def decode_cost(q, k_cache, *, window, operands=(), outputs=(), kv=()):
+  """`attention_cost_estimate` of the decode-partials call (cache part only)."""
+  B, T, N, H = q.shape
+  Sc = k_cache.shape[1]
+  return attention_cost_estimate(
+      batch=B, q_heads=N, head_dim=H, pairs=decode_pairs(T, Sc, window), kind="forward",
+      operands=operands, outputs=outputs, kv=kv,
+      kv_fraction=decode_slots_read(Sc, window) / max(Sc, 1))
 
 
 def combine_partials(q, k_new, v_new, sinks, acc, m, l, block_q, *, window, sm_scale):

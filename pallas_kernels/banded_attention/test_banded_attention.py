@@ -1,8 +1,10 @@
 """Tests for pallas_kernels.banded_attention.
 
-* interpret-mode numerics of both kernels (Triton-style "interpret", Mosaic-style
-  "interpret_mosaic") against the pure-jnp reference, which is itself checked once against
-  transformers' eager_attention_forward + eager_mask;
+* interpret-mode numerics of both kernel bodies (impl="triton_interpret", "mosaic_interpret")
+  against the pure-jnp reference, which is itself checked once against transformers'
+  eager_attention_forward + eager_mask;
+* the shared impl vocabulary (pallas_kernels.impl) and the pl.CostEstimate of every pallas_call
+  (hand-computed band sizes; serialised into the Mosaic custom call);
 * decode against the prefill reference on the full sequence (ring buffer wrapping, ragged rows);
 * gradients (q, k, v, sinks) against jax.grad of the reference;
 * @pytest.mark.aot: real deviceless compiles at gpt-oss shapes for TPU v5e / v6e / tpu7x and H100,
@@ -25,8 +27,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import banded_attention, cost
 from pallas_kernels.banded_attention import attention, decode_attention
+from pallas_kernels.banded_attention import common as common_mod
 from pallas_kernels.banded_attention import reference as ref_mod
+from pallas_kernels.impl import Impl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -128,19 +133,19 @@ def _run_prefill(case, impl, dtype=jnp.float32):
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=_ids)
 def test_prefill_triton_interpret(case):
-  out, ref = _run_prefill(case, "interpret")
+  out, ref = _run_prefill(case, "triton_interpret")
   _close(out, ref)
   assert bool(jnp.all(jnp.isfinite(out)))
 
 
 @pytest.mark.parametrize("case", [PREFILL_CASES[i] for i in (0, 2, 4, 6, 8, 9)], ids=_ids)
 def test_prefill_mosaic_interpret(case):
-  out, ref = _run_prefill(case, "interpret_mosaic")
+  out, ref = _run_prefill(case, "mosaic_interpret")
   _close(out, ref)
   assert bool(jnp.all(jnp.isfinite(out)))
 
 
-@pytest.mark.parametrize("impl", ["interpret", "interpret_mosaic"])
+@pytest.mark.parametrize("impl", ["triton_interpret", "mosaic_interpret"])
 def test_prefill_bf16(impl):
   out, ref = _run_prefill((300, 300, 128, 8, "normal", None, None), impl, dtype=jnp.bfloat16)
   assert out.dtype == jnp.bfloat16
@@ -149,7 +154,7 @@ def test_prefill_bf16(impl):
 
 def test_large_sink_suppresses_attention():
   q, k, v, _ = _inputs(1, 64, 64, 8, 2, 32)
-  out = attention(q, k, v, jnp.full((8,), 80.0), window=16, impl="interpret")
+  out = attention(q, k, v, jnp.full((8,), 80.0), window=16, impl="triton_interpret")
   assert float(jnp.max(jnp.abs(out))) < 1e-20
 
 
@@ -192,8 +197,8 @@ DECODE_CASES = [
 
 # the Mosaic kernel runs all cases but the T=3 ring one (same code path as T=1 / T=20; CI time)
 @pytest.mark.parametrize("case,impl", [
-    (c, impl) for c in DECODE_CASES for impl in ("interpret", "interpret_mosaic", "reference")
-    if not (impl == "interpret_mosaic" and c[2] == 3)],
+    (c, impl) for c in DECODE_CASES for impl in ("triton_interpret", "mosaic_interpret", "reference")
+    if not (impl == "mosaic_interpret" and c[2] == 3)],
     ids=lambda x: f"Sc{x[0]}-W{x[1]}-T{x[2]}" if isinstance(x, tuple) else x)
 def test_decode(case, impl):
   S_cache, window, T, cache_len = case
@@ -206,10 +211,10 @@ def test_decode(case, impl):
 def test_decode_chunk_several_q_blocks():
   # T*G = 160 query rows > 128: the Triton decode kernel tiles the new tokens over a q grid axis
   args, expect = _decode_case(2, 16, 16, 20, [9, 45], G=8)
-  _close(decode_attention(*args, window=16, impl="interpret"), expect)
+  _close(decode_attention(*args, window=16, impl="triton_interpret"), expect)
 
 
-@pytest.mark.parametrize("impl", ["interpret", "interpret_mosaic"])
+@pytest.mark.parametrize("impl", ["triton_interpret", "mosaic_interpret"])
 def test_decode_bf16_gqa8_neginf_sink(impl):
   args, expect = _decode_case(2, 32, 32, 1, [10, 75], G=8, dtype=jnp.bfloat16, sink="mixed")
   out = decode_attention(*args, window=32, impl=impl)
@@ -220,10 +225,10 @@ def test_decode_bf16_gqa8_neginf_sink(impl):
 # ---------------------------------------------------------------------------------------------
 # gradients
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("window,sink,G,impl", [(16, "normal", 4, "interpret"),
-                                                 (None, "mixed", 8, "interpret"),
-                                                 (1, "large_pos", 1, "interpret"),
-                                                 (16, "normal", 8, "interpret_mosaic")])
+@pytest.mark.parametrize("window,sink,G,impl", [(16, "normal", 4, "triton_interpret"),
+                                                 (None, "mixed", 8, "triton_interpret"),
+                                                 (1, "large_pos", 1, "triton_interpret"),
+                                                 (16, "normal", 8, "mosaic_interpret")])
 def test_gradients(window, sink, G, impl):
   B, T, S, K, H = 2, 100, 128, 2, 16
   q, k, v, sinks = _inputs(B, T, S, G * K, K, H, sink=sink, seed=7)
@@ -245,6 +250,110 @@ def test_gradients(window, sink, G, impl):
     _close(a, b, atol=1e-4, rtol=1e-4)
   if sink == "normal":
     assert float(jnp.max(jnp.abs(g1[3]))) > 1e-6  # the sink gradient is not trivially zero
+
+
+# ---------------------------------------------------------------------------------------------
+# impl vocabulary and cost estimates
+# ---------------------------------------------------------------------------------------------
+def test_impl_vocabulary():
+  assert banded_attention.CPU_DEFAULT_IMPL is Impl.TRITON_INTERPRET
+  assert banded_attention.resolve_impl("auto") is Impl.TRITON_INTERPRET  # CPU
+  assert banded_attention.resolve_impl("mosaic_interpret") is Impl.MOSAIC_INTERPRET
+  q, k, v, sinks = _inputs(1, 8, 8, 4, 2, 16)
+  for old, new in (("interpret", "triton_interpret"), ("interpret_mosaic", "mosaic_interpret"),
+                   ("interpret-triton", "triton_interpret")):
+    with pytest.raises(ValueError, match=f"renamed.*{new}"):
+      attention(q, k, v, sinks, impl=old)
+  with pytest.raises(ValueError, match="mosaic_interpret"):
+    decode_attention(q[:, :1], k[:, :1], v[:, :1], k, v, sinks, jnp.array([3]), impl="gpu")
+  # string and enum member: the same static configuration
+  _close(attention(q, k, v, sinks, window=3, impl=Impl.MOSAIC_INTERPRET),
+         attention(q, k, v, sinks, window=3, impl="mosaic_interpret"), atol=0, rtol=0)
+
+
+def _brute_pairs(T, S, window, qoff):
+  vis = common_mod._visibility(1, T, S, jnp.array([qoff]), jnp.array([S]), window)
+  return int(jnp.sum(vis))
+
+
+@pytest.mark.parametrize("T,S,window", [(1, 1, None), (16, 16, 4), (100, 100, None), (37, 100, 8),
+                                        (37, 100, None), (5, 300, 128), (64, 64, 1)])
+def test_band_sizes_vs_brute_force(T, S, window):
+  assert common_mod.prefill_pairs(T, S, window) == _brute_pairs(T, S, window, max(S - T, 0))
+  vis = common_mod._visibility(1, T, S, jnp.array([max(S - T, 0)]), jnp.array([S]), window)
+  keys = int(jnp.sum(jnp.any(vis[0], axis=0)))
+  assert common_mod.prefill_keys_read(T, S, window) == keys
+  # decode with a full cache: cached positions c - Sc .. c - 1 (c >= Sc), new token t at c + t
+  for Sc in (S, 2 * S):
+    c = 3 * Sc
+    pos = np.arange(c - Sc, c)
+    want = sum(int(np.sum(pos > c + t - window)) if window else Sc for t in range(T))
+    assert common_mod.decode_pairs(T, Sc, window) == want
+
+
+def _grad_and_decode_fns(impl, window):
+  def grad(q, k, v, s):
+    return jax.grad(lambda *a: jnp.sum(attention(*a, window=window, impl=impl)),
+                    argnums=(0, 1, 2, 3))(q, k, v, s)
+
+  def decode(q, kn, kc, s, cl):
+    return decode_attention(q, kn, kn, kc, kc, s, cl, window=window, impl=impl)
+  return grad, decode
+
+
+@pytest.mark.parametrize("impl", ["triton", "mosaic", "triton_interpret", "mosaic_interpret"])
+@pytest.mark.parametrize("window", [None, 16])
+def test_cost_estimates_attached(impl, window):
+  """Prefill forward, dq, dk/dv and decode partials all carry an estimate (tracing only, so the
+  non-interpreted kernels are checked on CPU as well): flops = 2 H x (2 | 3 | 4 matmuls) per
+  visible (query head, key) pair, one exp per pair, bytes >= q/k/v/out (the band's share)."""
+  B, T, N, K, H = 2, 48, 8, 2, 32
+  q, k, v, sinks = _inputs(B, T, T, N, K, H, dtype=jnp.bfloat16)
+  grad, decode = _grad_and_decode_fns(impl, window)
+  calls = dict(cost.traced_cost_estimates(grad, q, k, v, sinks))
+  suffix = "_tpu" if Impl(impl).body is Impl.MOSAIC else ""
+  names = {f"banded_attention_prefill{suffix}": 2, f"banded_attention_bwd_dq{suffix}": 3,
+           f"banded_attention_bwd_dkdv{suffix}": 4}
+  assert set(calls) == set(names), calls
+  pairs = _brute_pairs(T, T, window, 0)
+  qkv = cost.nbytes(q, k, v)
+  for name, mm in names.items():
+    ce = calls[name]
+    assert ce is not None, name
+    assert ce.flops == 2 * mm * H * B * N * pairs, name
+    assert ce.transcendentals == B * N * pairs, name
+    assert qkv + cost.nbytes(q) <= ce.bytes_accessed <= 4 * (qkv + cost.nbytes(q)), name
+  # decode: one new token, cache of 64 slots (ring of W = 16 when sliding)
+  Sc = 64 if window is None else window
+  kc = jnp.zeros((B, Sc, K, H), jnp.bfloat16)
+  (name, ce), = cost.traced_cost_estimates(decode, q[:, :1], k[:, :1], kc, sinks,
+                                           jnp.array([70, 3], jnp.int32))
+  assert name == f"banded_attention_decode{suffix}" and ce is not None
+  per_q = Sc if window is None else window - 1
+  assert ce.flops == 2 * 2 * H * B * N * per_q and ce.transcendentals == B * N * per_q
+  assert 2 * cost.nbytes(kc) <= ce.bytes_accessed <= 2 * cost.nbytes(kc) + 64 * cost.nbytes(q[:, :1])
+
+
+@pytest.mark.aot
+def test_cost_estimates_in_mosaic_lowering():
+  """The estimates reach the Mosaic custom calls' backend_config (what XLA's TPU scheduler reads)."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu (extra 'aot') not installed")
+  from jax.experimental import topologies
+  from jax.sharding import SingleDeviceSharding
+  sh = SingleDeviceSharding(topologies.get_topology_desc("v5e:2x2", platform="tpu").devices[0])
+  B, T, N, K, H = 1, 256, 8, 2, 64
+  sd = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  grad, decode = _grad_and_decode_fns("mosaic", 128)
+  txt = jax.jit(grad).lower(sd((B, T, N, H)), sd((B, T, K, H)), sd((B, T, K, H)),
+                            sd((N,), jnp.float32)).as_text()
+  pairs = common_mod.prefill_pairs(T, T, 128)
+  got = sorted(c["flops"] for c in cost.mosaic_cost_estimates(txt))
+  assert got == [2 * mm * H * B * N * pairs for mm in (2, 3, 4)], got
+  txt = jax.jit(decode).lower(sd((B, 1, N, H)), sd((B, 1, K, H)), sd((B, 128, K, H)),
+                              sd((N,), jnp.float32), sd((B,), jnp.int32)).as_text()
+  (ce,) = cost.mosaic_cost_estimates(txt)
+  assert ce["flops"] == 2 * 2 * H * B * N * 127 and ce["transcendentals"] == B * N * 127
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,6 +166,11 @@ def prefill_forward(q, k, v, sinks, q_offset, kv_len, *, window, sm_scale, block
   kernel = functools.partial(_prefill_kernel, scale=sm_scale, window=window, bq=block_q,
                              bk=block_k, groups=G, n_heads_kv=K, t_len=T, s_len=S,
                              n_kv=n_kv)
+  out_shape = [jax.ShapeDtypeStruct((B, K, tp * G, H), q.dtype),
+               jax.ShapeDtypeStruct((B, K, tp * G, 1), jnp.float32)][:2 if return_lse else 1]
+  sinks = jnp.asarray(sinks, jnp.float32)
+  cost = common.prefill_cost(q, k, window=window, kind="forward",
+                             operands=(q_offset, kv_len, sinks, qf), outputs=out_shape, kv=(k, v))
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -184,14 +189,14 @@ def prefill_forward(q, k, v, sinks, q_offset, kv_len, *, window, sm_scale, block
                           pltpu.VMEM((K, rows, 1), jnp.float32),
                           pltpu.VMEM((K, rows, H), jnp.float32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct((B, K, tp * G, H), q.dtype),
-                 jax.ShapeDtypeStruct((B, K, tp * G, 1), jnp.float32)][:2 if return_lse else 1],
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
+      cost_estimate=cost,
       name="banded_attention_prefill_tpu",
-  )(q_offset, kv_len, jnp.asarray(sinks, jnp.float32), qf, k, v)
+  )(q_offset, kv_len, sinks, qf, k, v)
   out, lse = (outs[0], outs[1]) if return_lse else (outs[0], None)
   out = out.reshape(B, K, tp, G, H)[:, :, :T]
   out = jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(B, T, N, H)
@@ -271,6 +276,11 @@ def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k
 
   kernel = functools.partial(_decode_kernel, scale=sm_scale, window=window, t_len=T,
                              bk=block_k, groups=G, n_heads_kv=K, s_cache=Sc, n_kv=n_kv)
+  out_shape = [jax.ShapeDtypeStruct((B, K, rows, H), jnp.float32),
+               jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32),
+               jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32)]
+  cost = common.decode_cost(q, k_cache, window=window, operands=(cache_len, qf), outputs=out_shape,
+                            kv=(k_cache, v_cache))
   acc, m, l = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -290,13 +300,12 @@ def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k
                           pltpu.VMEM((K, rows, 1), jnp.float32),
                           pltpu.VMEM((K, rows, H), jnp.float32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct((B, K, rows, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32)],
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
+      cost_estimate=cost,
       name="banded_attention_decode_tpu",
   )(cache_len, qf, k_cache, v_cache)
   return (acc.reshape(B, K, 1, rows, H), m.reshape(B, K, 1, rows), l.reshape(B, K, 1, rows), T)
@@ -413,8 +422,9 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
   qf, dof = _fold(q, B, T, tp, K, G), _fold(do, B, T, tp, K, G)
   lsef = _fold(lse[..., None], B, T, tp, K, G)
   deltaf = _fold(delta[..., None], B, T, tp, K, G)
-  common = dict(scale=sm_scale, window=window, bq=block_q, bk=block_k, groups=G,
+  static = dict(scale=sm_scale, window=window, bq=block_q, bk=block_k, groups=G,
                 n_heads_kv=K, t_len=T, s_len=S)
+  rows_in = (q_offset, kv_len, qf, dof, lsef, deltaf)  # every operand but k, v (band reads)
   params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
                                 vmem_limit_bytes=vmem_limit_bytes)
   scratch_rows = [pltpu.VMEM((K, rows, H), jnp.float32)]
@@ -429,16 +439,19 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
     return (b, _kv_block(lo, hi, j, nk), 0, 0)
 
   row_spec = lambda w: pl.BlockSpec((None, K, rows, w), lambda b, i, j, *_: (b, 0, i, 0))
+  dq_shape = jax.ShapeDtypeStruct(qf.shape, q.dtype)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, n_kv=n_kv, **common),
+      functools.partial(_dq_kernel, n_kv=n_kv, **static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(B, nq, n_kv),
           in_specs=[row_spec(H), row_spec(H), row_spec(1), row_spec(1),
                     pl.BlockSpec((None, block_k, K, H), kv_map),
                     pl.BlockSpec((None, block_k, K, H), kv_map)],
           out_specs=row_spec(H), scratch_shapes=scratch_rows),
-      out_shape=jax.ShapeDtypeStruct(qf.shape, q.dtype),
+      out_shape=dq_shape,
       compiler_params=params, interpret=interpret, name="banded_attention_bwd_dq_tpu",
+      cost_estimate=common.prefill_cost(q, k, window=window, kind="dq", operands=rows_in,
+                                        outputs=(dq_shape,), kv=(k, v)),
   )(q_offset, kv_len, qf, dof, lsef, deltaf, k, v)
   dq = jnp.transpose(dq.reshape(B, K, tp, G, H)[:, :, :T], (0, 2, 1, 3, 4)).reshape(B, T, N, H)
 
@@ -451,8 +464,10 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
     return (b, 0, _kv_block(lo, hi, j, nq), 0)
 
   kv_spec = pl.BlockSpec((None, block_k, K, H), lambda b, kb, j, *_: (b, kb, 0, 0))
+  dkdv_shape = [jax.ShapeDtypeStruct((B, K, nk * block_k, H), k.dtype),
+                jax.ShapeDtypeStruct((B, K, nk * block_k, H), v.dtype)]
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, n_q=n_q, **common),
+      functools.partial(_dkdv_kernel, n_q=n_q, **static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(B, nk, n_q),
           in_specs=[pl.BlockSpec((None, K, rows, H), q_map),
@@ -462,9 +477,10 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
                     kv_spec, kv_spec],
           out_specs=[pl.BlockSpec((None, K, block_k, H), lambda b, kb, j, *_: (b, 0, kb, 0))] * 2,
           scratch_shapes=[pltpu.VMEM((K, block_k, H), jnp.float32)] * 2),
-      out_shape=[jax.ShapeDtypeStruct((B, K, nk * block_k, H), k.dtype),
-                 jax.ShapeDtypeStruct((B, K, nk * block_k, H), v.dtype)],
+      out_shape=dkdv_shape,
       compiler_params=params, interpret=interpret, name="banded_attention_bwd_dkdv_tpu",
+      cost_estimate=common.prefill_cost(q, k, window=window, kind="dkdv", operands=rows_in,
+                                        outputs=dkdv_shape, kv=(k, v)),
   )(q_offset, kv_len, qf, dof, lsef, deltaf, k, v)
   unfold = lambda x: jnp.transpose(x[:, :, :S], (0, 2, 1, 3))
   return dq, unfold(dk), unfold(dv)

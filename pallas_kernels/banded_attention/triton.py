@@ -123,6 +123,10 @@ def prefill_forward(q, k, v, sinks, q_offset, kv_len, *, window, sm_scale, block
   sink2 = jnp.asarray(sinks, jnp.float32).reshape(K, G)
   kernel = functools.partial(_prefill_kernel, scale2=sm_scale * LOG2E, window=window,
                              block_q=block_q, block_k=block_k, groups=G, t_len=T, s_len=S)
+  out_shape = [jax.ShapeDtypeStruct((B, T, K, G, H), q.dtype),
+               jax.ShapeDtypeStruct((B, T, K, G), jnp.float32)][:2 if return_lse else 1]
+  cost = common.prefill_cost(q, k, window=window, kind="forward",
+                             operands=(q_offset, kv_len, q5, sink2), outputs=out_shape, kv=(k, v))
   outs = pl.pallas_call(
       kernel,
       grid=(nq, B, K),
@@ -138,10 +142,10 @@ def prefill_forward(q, k, v, sinks, q_offset, kv_len, *, window, sm_scale, block
           pl.BlockSpec((None, T, None, G, H), lambda i, b, h: (b, 0, h, 0, 0)),
           pl.BlockSpec((None, T, None, G), lambda i, b, h: (b, 0, h, 0)),
       ][:2 if return_lse else 1],
-      out_shape=[jax.ShapeDtypeStruct((B, T, K, G, H), q.dtype),
-                 jax.ShapeDtypeStruct((B, T, K, G), jnp.float32)][:2 if return_lse else 1],
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
+      cost_estimate=cost,
       name="banded_attention_prefill",
   )(q_offset, kv_len, q5, k, v, sink2)
   out = outs[0].reshape(B, T, N, H)
@@ -225,6 +229,11 @@ def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k
   kernel = functools.partial(_decode_kernel, scale2=sm_scale * LOG2E, window=window,
                              block_q=block_q, block_k=block_k, groups=G, t_len=T, s_cache=Sc,
                              blocks_per_split=bps)
+  out_shape = [jax.ShapeDtypeStruct((B, K, num_splits, n_qb * rows, H), jnp.float32),
+               jax.ShapeDtypeStruct((B, K, num_splits, n_qb * rows), jnp.float32),
+               jax.ShapeDtypeStruct((B, K, num_splits, n_qb * rows), jnp.float32)]
+  cost = common.decode_cost(q, k_cache, window=window, operands=(cache_len, q5), outputs=out_shape,
+                            kv=(k_cache, v_cache))
   acc, m, l = pl.pallas_call(
       kernel,
       grid=(B, K, num_splits, n_qb),
@@ -239,11 +248,10 @@ def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k
           pl.BlockSpec((None, None, None, rows), lambda b, h, s, i: (b, h, s, i)),
           pl.BlockSpec((None, None, None, rows), lambda b, h, s, i: (b, h, s, i)),
       ],
-      out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, n_qb * rows, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, num_splits, n_qb * rows), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, num_splits, n_qb * rows), jnp.float32)],
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
+      cost_estimate=cost,
       name="banded_attention_decode",
   )(cache_len, q5, k_cache, v_cache)
   return acc, m, l, n_qb * block_q
@@ -357,7 +365,7 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
   q5, do5 = q.reshape(B, T, K, G, H), do.reshape(B, T, K, G, H)
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   lse4, delta4 = lse.reshape(B, T, K, G), delta.reshape(B, T, K, G)
-  common = dict(scale=sm_scale, window=window, block_q=block_q, block_k=block_k, groups=G,
+  static = dict(scale=sm_scale, window=window, block_q=block_q, block_k=block_k, groups=G,
                 t_len=T, s_len=S)
   specs = lambda: [
       pl.BlockSpec((1,), lambda i, b, h: (b,)),
@@ -371,20 +379,27 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
   ]
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   args = (q_offset, kv_len, q5, k, v, do5, lse4, delta4)
+  rows_in = (q_offset, kv_len, q5, do5, lse4, delta4)  # every operand but k, v (read over the band)
+  dkdv_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  dq_shape = jax.ShapeDtypeStruct((B, T, K, G, H), q.dtype)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, **common),
+      functools.partial(_dkdv_kernel, **static),
       grid=(pl.cdiv(S, block_k), B, K),
       in_specs=specs(),
       out_specs=[pl.BlockSpec((None, S, None, H), lambda i, b, h: (b, 0, h, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=dkdv_shape,
       compiler_params=params, interpret=interpret, name="banded_attention_bwd_dkdv",
+      cost_estimate=common.prefill_cost(q, k, window=window, kind="dkdv", operands=rows_in,
+                                        outputs=dkdv_shape, kv=(k, v)),
   )(*args)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **common),
+      functools.partial(_dq_kernel, **static),
       grid=(pl.cdiv(T, block_q), B, K),
       in_specs=specs(),
       out_specs=pl.BlockSpec((None, T, None, G, H), lambda i, b, h: (b, 0, h, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, T, K, G, H), q.dtype),
+      out_shape=dq_shape,
       compiler_params=params, interpret=interpret, name="banded_attention_bwd_dq",
+      cost_estimate=common.prefill_cost(q, k, window=window, kind="dq", operands=rows_in,
+                                        outputs=(dq_shape,), kv=(k, v)),
   )(*args)
   return dq.reshape(B, T, N, H), dk, dv

@@ -21,9 +21,12 @@ API
   `epilogue="swiglu"`: y_pre = x @ W1_e^T + b1_e, gate = min(g, limit), up = clip(u, -limit, limit),
   out = (up + 1) * gate * sigmoid(alpha * gate) -> [M, N/2] (then * row_weights if given).
 * `out_dtype` defaults to x.dtype.
-* `impl`: "auto" (Triton on GPU, Mosaic on TPU, the Mosaic kernel in Pallas interpret mode on
-  CPU), "triton", "mosaic", "interpret" (Mosaic kernel body, interpret=True),
-  "interpret-triton" (Triton kernel body, interpret=True), "reference" (dequantize + ragged_dot).
+* `impl` (`pallas_kernels.impl.Impl` or its string value, one vocabulary for every kernel
+  package): "auto" (Triton on GPU, Mosaic on TPU, otherwise `CPU_DEFAULT_IMPL` =
+  "mosaic_interpret"), "triton", "mosaic", "triton_interpret" / "mosaic_interpret" (that kernel
+  body under the Pallas interpreter), "reference" (dequantize + ragged_dot). `resolve_impl(impl)`
+  returns the `Impl` that `gmm` would run here.
+* Every `pallas_call` carries a `pl.CostEstimate` (`common.gmm_cost_estimate`).
 * Differentiable (`jax.custom_vjp`) w.r.t. x, bias and row_weights; the weights are frozen
   (float0 / zero cotangents). The backward pass dequantizes the experts and uses
   `jax.lax.ragged_dot` (not a Pallas kernel).
@@ -33,9 +36,10 @@ API
 `reference.gmm_reference` is the pure-jnp reference on checkpoint-layout weights.
 """
 
+from ..impl import Impl
 from .layout import MXFP4GmmWeights, dequantize_prepared, prepare, prepare_bias, unprepare
-from .ops import IMPLS, gmm, resolve_impl
+from .ops import CPU_DEFAULT_IMPL, IMPLS, gmm, resolve_impl
 from .reference import gmm_reference
 
-__all__ = ["IMPLS", "MXFP4GmmWeights", "dequantize_prepared", "gmm", "gmm_reference", "prepare",
-           "prepare_bias", "resolve_impl", "unprepare"]
+__all__ = ["CPU_DEFAULT_IMPL", "IMPLS", "Impl", "MXFP4GmmWeights", "dequantize_prepared", "gmm",
+           "gmm_reference", "prepare", "prepare_bias", "resolve_impl", "unprepare"]

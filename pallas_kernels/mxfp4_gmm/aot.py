@@ -6,7 +6,8 @@ Run one case per process (XLA_FLAGS must be set before JAX initialises a backend
 
 prints one JSON line: compile time, XLA memory analysis, and for H100 the Triton kernel's PTX
 statistics from `ptxas -arch=sm_90a -v` (registers, spill bytes, MMA instructions), for TPU the
-kernel's static VMEM footprint (block sizes x double buffering + scratch) vs the scoped limit.
+kernel's static VMEM footprint (block sizes x double buffering + scratch) vs the scoped limit
+and the `pl.CostEstimate` found in the Mosaic custom call.
 Targets: h100, v5e, v6e, tpu7x. Needs the `aot` extra (libtpu, jax-cuda12-plugin, nvcc).
 """
 
@@ -111,7 +112,8 @@ def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat1
   args = [sd(xs, dt), sd(wqs, jnp.int32), sd(wss, jnp.int32), sd((experts,), jnp.int32), sd(bs, dt),
           None if proj == "gate_up" else sd((m,), jnp.float32)]
   t0 = time.time()
-  compiled = jax.jit(f, out_shardings=Format(Layout((0, 1)), sh)).lower(*args).compile()
+  lowered = jax.jit(f, out_shardings=Format(Layout((0, 1)), sh)).lower(*args)
+  compiled = lowered.compile()
   res = {"target": target, "experts": experts, "m": m, "proj": proj, "dtype": dtype,
          "fast_decode": normal_scales,
          "compile_s": round(time.time() - t0, 2), "tiling": {"bm": tiling.bm, "bn": tiling.bn}}
@@ -127,6 +129,9 @@ def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat1
     res["vmem_physical_bytes"] = TPU_VMEM_BYTES[target]
     txt = compiled.as_text() or ""
     res["mosaic_custom_call"] = "tpu_custom_call" in txt
+    # the kernel's pl.CostEstimate as serialised into the Mosaic custom call
+    from ..cost import mosaic_cost_estimates
+    res["cost_estimates"] = mosaic_cost_estimates(lowered.as_text())
   else:
     res["num_warps"] = tiling.num_warps
     res["num_stages"] = tiling.num_stages

@@ -1,10 +1,11 @@
-"""Pieces shared by the Triton and Mosaic TPU kernels: epilogue and tiling choice."""
+"""Pieces shared by the Triton and Mosaic TPU kernels: epilogue, tiling choice, cost estimate."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def sigmoid(x):
@@ -72,3 +73,25 @@ def pad_rows(a, mp: int):
     return a
   return jnp.pad(a, ((0, mp - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
 
+
+def gmm_cost_estimate(*, m: int, k: int, n: int, splits: int, num_experts: int, x_bytes: int,
+                      weight_bytes: int, out_bytes: int, x_reads: int = 1, bias_bytes: int = 0,
+                      other_bytes: int = 0, epilogue: str | None = None) -> pl.CostEstimate:
+  """Static cost of one grouped-matmul `pallas_call` (the group sizes are traced, so bounds):
+
+  * flops = 2 * M * K * N per split (the MXU / MMA work on the true K; the integer weight decode
+    is not counted);
+  * transcendentals = M * N for the SwiGLU epilogue (one exp per output, in the sigmoid), else 0;
+  * bytes_accessed = the packed weights (int32 words + scale words, `weight_bytes` for all E
+    experts) and bias of the experts that can be hit, min(E, M) of E (each is fetched once:
+    column tiles are disjoint and consecutive work items of one expert keep its block) + x read
+    `x_reads` times (once per column tile) + the output + `other_bytes` (row weights, group
+    metadata).
+  """
+  touched = min(num_experts, max(m, 1))
+  flops = 2 * m * k * n * splits
+  trans = m * n if epilogue == "swiglu" else 0
+  bytes_accessed = (x_reads * x_bytes + (weight_bytes + bias_bytes) * touched // num_experts
+                    + out_bytes + other_bytes)
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(trans),
+                         bytes_accessed=int(bytes_accessed))

@@ -9,30 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..impl import Impl, resolve
 from . import common, layout, reference
 
-IMPLS = ("auto", "triton", "mosaic", "interpret", "interpret-triton", "reference")
+CPU_DEFAULT_IMPL = Impl.MOSAIC_INTERPRET  # impl="auto" off GPU/TPU: the Mosaic body, interpreted
+IMPLS = tuple(m.value for m in Impl)
 
 
 class _Cfg(NamedTuple):
-  impl: str
+  impl: Impl
   epilogue: str | None
   alpha: float
   limit: float
   out_dtype: str
 
 
-def resolve_impl(impl: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  backend = jax.default_backend()
-  if backend in ("gpu", "cuda"):
-    return "triton"
-  if backend == "tpu":
-    return "mosaic"
-  return "interpret"
+def resolve_impl(impl: str | Impl = Impl.AUTO) -> Impl:
+  """`impl` resolved for this package (AUTO off GPU/TPU -> `CPU_DEFAULT_IMPL`)."""
+  return resolve(impl, cpu_default=CPU_DEFAULT_IMPL)
 
 
 def _dense(w: layout.MXFP4GmmWeights, dtype):
@@ -57,15 +51,12 @@ def _epilogue_fn(cfg: _Cfg):
 def _forward(cfg: _Cfg, x, w, group_sizes, bias, row_weights):
   out_dtype = jnp.dtype(cfg.out_dtype)
   kw = dict(epilogue=cfg.epilogue, alpha=cfg.alpha, limit=cfg.limit, out_dtype=out_dtype)
-  if cfg.impl == "triton":
+  if cfg.impl.body is Impl.TRITON:
     from .triton import gmm_triton
-    return gmm_triton(x, w, group_sizes, bias, row_weights, **kw)
-  if cfg.impl == "interpret-triton":
-    from .triton import gmm_triton
-    return gmm_triton(x, w, group_sizes, bias, row_weights, interpret=True, **kw)
-  if cfg.impl in ("mosaic", "interpret"):
+    return gmm_triton(x, w, group_sizes, bias, row_weights, interpret=cfg.impl.interpret, **kw)
+  if cfg.impl.body is Impl.MOSAIC:
     from .tpu import gmm_tpu
-    return gmm_tpu(x, w, group_sizes, bias, row_weights, interpret=cfg.impl == "interpret", **kw)
+    return gmm_tpu(x, w, group_sizes, bias, row_weights, interpret=cfg.impl.interpret, **kw)
   zs, _ = _linear_parts(x, w, group_sizes, bias)
   rw = None if row_weights is None else row_weights.astype(jnp.float32)
   return _epilogue_fn(cfg)(zs, rw).astype(out_dtype)
@@ -117,8 +108,9 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(x, w: layout.MXFP4GmmWeights, group_sizes, *, bias=None, epilogue=None, swiglu_alpha=None,
-        swiglu_limit=None, row_weights=None, out_dtype=None, impl: str = "auto"):
+        swiglu_limit=None, row_weights=None, out_dtype=None, impl: str | Impl = Impl.AUTO):
   """Grouped MXFP4 matmul, see the package docstring."""
+  impl = resolve_impl(impl)  # first: a bad impl name fails before any shape check
   if not isinstance(w, layout.MXFP4GmmWeights):
     raise TypeError("w must come from mxfp4_gmm.prepare(...)")
   if x.ndim != 2 or x.shape[1] != w.k:
@@ -145,5 +137,5 @@ def gmm(x, w: layout.MXFP4GmmWeights, group_sizes, *, bias=None, epilogue=None, 
       raise ValueError(f"bias must be [E, {w.splits * w.n}] or [E, {w.splits}, {w.n}], got {bias.shape}")
   if row_weights is not None and row_weights.shape != (x.shape[0],):
     raise ValueError(f"row_weights must be [{x.shape[0]}], got {row_weights.shape}")
-  cfg = _Cfg(resolve_impl(impl), epilogue, alpha, limit, jnp.dtype(out_dtype or x.dtype).name)
+  cfg = _Cfg(impl, epilogue, alpha, limit, jnp.dtype(out_dtype or x.dtype).name)
   return _gmm(cfg, x, w, group_sizes.astype(jnp.int32), bias, row_weights)

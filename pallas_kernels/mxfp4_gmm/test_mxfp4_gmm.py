@@ -2,7 +2,9 @@
 
 Tier 1 (CPU, Pallas interpret mode): exact decoding of every e2m1 code at every E8M0 scale,
 layout round trip, kernel numerics vs `reference.gmm_reference` (dequantize + ragged_dot) for
-both kernel bodies (Mosaic TPU and Triton, interpreted), gradients vs `jax.grad` of the reference.
+both kernel bodies (impl="mosaic_interpret" / "triton_interpret"), gradients vs `jax.grad` of the
+reference, the shared impl vocabulary, the `pl.CostEstimate` attached to every pallas_call (traced
+for all four kernel impls, checked against hand computations).
 
 Tolerances: weights decode exactly (bf16 and f32 hold e2m1 * 2**k exactly), both sides
 accumulate in f32, so
@@ -13,8 +15,9 @@ accumulate in f32, so
     atol = rtol = 2**-7 relative to the output scale.
 
 Tier 2 (`-m aot`): real deviceless compiles at gpt-oss shapes for TPU v5e/v6e/tpu7x (libtpu) and
-H100 (JAX CUDA plugin + ptxas), asserting VMEM fits, no relayout copies of the weights, zero
-spill bytes, bf16 MMA and no tf32 in the Triton kernel's PTX.
+H100 (JAX CUDA plugin + ptxas), asserting VMEM fits, no relayout copies of the weights, the cost
+estimate in the Mosaic custom call, zero spill bytes, bf16 MMA and no tf32 in the Triton
+kernel's PTX.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import mxfp4
+from pallas_kernels import cost, mxfp4
 from pallas_kernels import mxfp4_gmm
-from pallas_kernels.mxfp4_gmm import aot, layout
+from pallas_kernels.impl import Impl
+from pallas_kernels.mxfp4_gmm import aot, common, layout
 
 ALPHA, LIMIT = 1.702, 7.0
-KERNEL_IMPLS = ["interpret", "interpret-triton"]
+KERNEL_IMPLS = ["mosaic_interpret", "triton_interpret"]
 
 
 def _tol(dtype):
@@ -172,7 +176,7 @@ def test_swiglu_clamps_and_out_dtype():
   ref = mxfp4_gmm.gmm_reference(x, blocks, scales, gs, **kw)
   pre = mxfp4_gmm.gmm_reference(x, blocks, scales, gs, bias=b, out_dtype=jnp.float32)
   assert float(jnp.max(pre)) > LIMIT and float(jnp.min(pre)) < -LIMIT
-  y = mxfp4_gmm.gmm(x, w, gs, impl="interpret", **kw)
+  y = mxfp4_gmm.gmm(x, w, gs, impl="mosaic_interpret", **kw)
   assert y.dtype == jnp.float32
   _assert_close(y, ref, jnp.bfloat16)
 
@@ -182,12 +186,102 @@ def test_bias_layouts_and_reference_impl():
   blocks, scales, x, b, r, gs, w = _make(rng, 3, 64, 64, [2, 3, 1], 6, jnp.float32, glu=True)
   kw = dict(epilogue="swiglu", swiglu_alpha=ALPHA, swiglu_limit=LIMIT)
   y1 = mxfp4_gmm.gmm(x, w, gs, bias=b, impl="reference", **kw)
-  y2 = mxfp4_gmm.gmm(x, w, gs, bias=mxfp4_gmm.prepare_bias(b, interleaved_glu=True), impl="interpret", **kw)
+  y2 = mxfp4_gmm.gmm(x, w, gs, bias=mxfp4_gmm.prepare_bias(b, interleaved_glu=True), impl="mosaic_interpret", **kw)
   _assert_close(y1, mxfp4_gmm.gmm_reference(x, blocks, scales, gs, bias=b, **kw), jnp.float32)
   _assert_close(y2, y1, jnp.float32)
-  assert mxfp4_gmm.resolve_impl("auto") == "interpret"  # CPU
-  with pytest.raises(ValueError):
-    mxfp4_gmm.gmm(x, w, gs, impl="interpret")  # swiglu weights need the swiglu epilogue
+  with pytest.raises(ValueError, match="interleaved_glu"):
+    mxfp4_gmm.gmm(x, w, gs, impl="mosaic_interpret")  # swiglu weights need the swiglu epilogue
+
+
+# ------------------------------------------------------------------------------- impl vocabulary
+
+
+def test_impl_vocabulary():
+  assert mxfp4_gmm.CPU_DEFAULT_IMPL is Impl.MOSAIC_INTERPRET
+  assert mxfp4_gmm.resolve_impl("auto") is Impl.MOSAIC_INTERPRET  # CPU
+  assert mxfp4_gmm.resolve_impl(Impl.TRITON_INTERPRET) is Impl.TRITON_INTERPRET
+  assert mxfp4_gmm.resolve_impl("mosaic") is Impl.MOSAIC and Impl.MOSAIC == "mosaic"
+  assert Impl.TRITON_INTERPRET.body is Impl.TRITON and Impl.TRITON_INTERPRET.interpret
+  assert Impl.MOSAIC.body == "mosaic" and not Impl.MOSAIC.interpret
+  assert Impl.REFERENCE.body == "reference" and not Impl.REFERENCE.interpret
+  assert set(mxfp4_gmm.IMPLS) == {m.value for m in Impl}
+  rng = np.random.default_rng(4)
+  _, _, x, _, _, gs, w = _make(rng, 2, 64, 64, [2, 3], 5, jnp.float32, glu=False, bias=False)
+  for old, new in (("interpret", "mosaic_interpret"), ("interpret-triton", "triton_interpret"),
+                   ("interpret_mosaic", "mosaic_interpret")):
+    with pytest.raises(ValueError, match=f"renamed.*{new}"):
+      mxfp4_gmm.gmm(x, w, gs, impl=old)
+  with pytest.raises(ValueError, match="triton_interpret"):
+    mxfp4_gmm.gmm(x, w, gs, impl="cuda")
+  # a string and the enum member are the same static configuration (one trace, same result)
+  np.testing.assert_array_equal(np.asarray(mxfp4_gmm.gmm(x, w, gs, impl="mosaic_interpret")),
+                                np.asarray(mxfp4_gmm.gmm(x, w, gs, impl=Impl.MOSAIC_INTERPRET)))
+
+
+# --------------------------------------------------------------------------------- cost estimate
+
+
+def test_cost_estimate_hand_computed():
+  """gpt-oss-20b decode (4 rows, 32 experts, down projection): only the 4 experts that can be hit
+  count; prefill (16384 rows) reads all 32; x is read once per column tile."""
+  k = n = 2880
+  kp = 2944
+  w_all = 32 * 1 * (kp // 8 + kp // 128) * n * 4  # int32 words + scale words of all experts
+  ce = common.gmm_cost_estimate(m=4, k=k, n=n, splits=1, num_experts=32, x_bytes=16 * k * 2,
+                                weight_bytes=w_all, out_bytes=16 * n * 2, x_reads=6,
+                                bias_bytes=32 * n * 2, other_bytes=100)
+  per_expert = (kp // 8 + kp // 128) * n * 4 + n * 2
+  assert ce.flops == 2 * 4 * k * n and ce.transcendentals == 0
+  assert ce.bytes_accessed == 6 * 16 * k * 2 + 4 * per_expert + 16 * n * 2 + 100
+  ce = common.gmm_cost_estimate(m=16384, k=k, n=n, splits=2, num_experts=32, x_bytes=16384 * k * 2,
+                                weight_bytes=2 * w_all, out_bytes=16384 * n * 2, epilogue="swiglu")
+  assert ce.flops == 2 * 16384 * k * n * 2 and ce.transcendentals == 16384 * n
+  assert ce.bytes_accessed == 16384 * k * 2 + 2 * w_all + 16384 * n * 2
+
+
+@pytest.mark.parametrize("impl", ["triton", "mosaic", "triton_interpret", "mosaic_interpret"])
+@pytest.mark.parametrize("epilogue", [None, "swiglu"])
+def test_cost_estimate_attached(impl, epilogue):
+  """Every pallas_call carries its estimate (traced only: works for the non-interpreted kernels
+  on CPU too); flops = 2 M K N per split, bytes cover x, the touched experts' packed weights and y."""
+  glu = epilogue == "swiglu"
+  e, n, k, m = 8, 256, 320, 5
+  rng = np.random.default_rng(2)
+  _, _, x, b, r, gs, w = _make(rng, e, n, k, [2, 0, 3, 0, 0, 0, 0, 0], m, jnp.bfloat16, glu=glu,
+                               rw=not glu)
+  kw = dict(bias=b, epilogue=epilogue, swiglu_alpha=ALPHA, swiglu_limit=LIMIT, row_weights=r)
+  calls = cost.traced_cost_estimates(lambda x: mxfp4_gmm.gmm(x, w, gs, impl=impl, **kw), x)
+  assert len(calls) == 1
+  name, ce = calls[0]
+  assert name == ("mxfp4_gmm_triton" if Impl(impl).body is Impl.TRITON else "mxfp4_gmm_tpu")
+  assert ce is not None
+  splits, n_out = (2, n // 2) if glu else (1, n)
+  assert ce.flops == 2 * m * k * n_out * splits
+  assert ce.transcendentals == (m * n_out if glu else 0)
+  kp = 384
+  touched_w = min(e, m) * splits * (kp // 8 + kp // 128) * n_out * 4
+  lo = m * k * 2 + touched_w + m * n_out * 2
+  assert lo <= ce.bytes_accessed <= 4 * lo + cost.nbytes(w.wq, w.ws)
+
+
+@pytest.mark.aot
+def test_cost_estimate_in_mosaic_lowering():
+  """The estimate is serialised into the Mosaic custom call's backend_config (TPU lowering)."""
+  if not aot.toolchain_available("v5e"):
+    pytest.skip("libtpu (the `aot` extra) is not installed")
+  from jax.experimental import topologies
+  from jax.sharding import SingleDeviceSharding
+  sh = SingleDeviceSharding(topologies.get_topology_desc("v5e:2x2", platform="tpu").devices[0])
+  e, n, k, m = 4, 256, 256, 40
+  rng = np.random.default_rng(3)
+  _, _, _, _, _, gs, w = _make(rng, e, n, k, [10, 10, 10, 10], m, jnp.bfloat16, glu=False, bias=False)
+  sd = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+  f = jax.jit(lambda x, wq, ws, gs: mxfp4_gmm.gmm(
+      x, layout.MXFP4GmmWeights(wq, ws, k, n, normal_scales=True), gs, impl="mosaic"))
+  txt = f.lower(jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=sh), sd(w.wq), sd(w.ws), sd(gs)).as_text()
+  (ce,) = cost.mosaic_cost_estimates(txt)
+  assert ce["flops"] == 2 * m * k * n
+  assert ce["bytes_accessed"] >= cost.nbytes(w.wq, w.ws) + m * (k + n) * 2
 
 
 # -------------------------------------------------------------------------------------- gradients
@@ -202,7 +296,7 @@ def test_gradients_match_reference(epilogue):
   kw = dict(epilogue=epilogue, swiglu_alpha=ALPHA, swiglu_limit=LIMIT)
 
   def loss_k(x, b, r):
-    return jnp.sum(mxfp4_gmm.gmm(x, w, gs, bias=b, row_weights=r, impl="interpret", **kw) * ct)
+    return jnp.sum(mxfp4_gmm.gmm(x, w, gs, bias=b, row_weights=r, impl="mosaic_interpret", **kw) * ct)
 
   def loss_r(x, b, r):
     return jnp.sum(mxfp4_gmm.gmm_reference(x, blocks, scales, gs, bias=b, row_weights=r, **kw) * ct)
@@ -248,6 +342,11 @@ def test_aot_tpu_compile(target, experts, m, proj, dtype, exact):
     pytest.skip("libtpu (the `aot` extra) is not installed")
   res = aot.run_subprocess(target, experts, m, proj, dtype, exact_decode=exact)
   assert res["mosaic_custom_call"]
+  # the pl.CostEstimate reaches the Mosaic custom call (XLA's scheduler reads it from there)
+  _, wqs, wss, _, k, n, s = aot.case_shapes(experts, m, proj)
+  (ce,) = res["cost_estimates"]
+  assert ce["flops"] == 2 * m * k * n * s, res
+  assert ce["bytes_accessed"] >= min(experts, m) * s * (wqs[2] + wss[2]) * n * 4, res
   assert res["vmem_bytes"] <= res["vmem_limit_bytes"] <= res["vmem_physical_bytes"]
   # no relayout copy of the weights / padded copy of x: temporaries stay far below one weight array
   assert res["hbm_temp_bytes"] < 8 << 20, res

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ..cost import nbytes
 from . import common, layout
 
 VMEM_LIMIT_BYTES = 48 * 1024 * 1024
@@ -111,16 +112,24 @@ def gmm_tpu(x, w: layout.MXFP4GmmWeights, group_sizes, bias=None, row_weights=No
   if bias is not None:
     in_specs.append(pl.BlockSpec((None, s_, bn), lambda nt, i, go_, gi_, mt_, nw_: (jnp.minimum(gi_[i], e - 1), 0, nt)))
     args.append(bias)
+  rw = None
   if row_weights is not None:
     in_specs.append(pl.BlockSpec((bm, 1), lambda nt, i, go_, gi_, mt_, nw_: (mt_[i], 0)))
-    args.append(common.pad_rows(row_weights.astype(jnp.float32), mp)[:, None])
+    rw = common.pad_rows(row_weights.astype(jnp.float32), mp)[:, None]
+    args.append(rw)
   kernel = functools.partial(
       _kernel, bm=bm, bn=bn, splits=s_, num_experts=e, epilogue=epilogue, alpha=alpha,
       limit=limit, has_bias=bias is not None, has_rw=row_weights is not None, fast=w.normal_scales)
   grid = (pl.cdiv(n, bn), gi.shape[0])
+  out_shape = jax.ShapeDtypeStruct((mp, n), out_dtype)
+  cost = common.gmm_cost_estimate(
+      m=m, k=w.k, n=n, splits=s_, num_experts=e, x_bytes=nbytes(xp),
+      weight_bytes=nbytes(w.wq, w.ws), bias_bytes=nbytes(bias),
+      out_bytes=nbytes(out_shape), x_reads=grid[0], epilogue=epilogue,
+      other_bytes=nbytes(go, gi, mt, num, rw))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),
+      out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           in_specs=in_specs,
@@ -131,6 +140,7 @@ def gmm_tpu(x, w: layout.MXFP4GmmWeights, group_sizes, bias=None, row_weights=No
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES),
       interpret=interpret,
+      cost_estimate=cost,
       name="mxfp4_gmm_tpu",
   )(go, gi, mt, num[None], *args)
   return out[:m]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..cost import nbytes
 from . import common, layout
 
 
@@ -92,19 +93,28 @@ def gmm_triton(x, w: layout.MXFP4GmmWeights, group_sizes, bias=None, row_weights
   args = [go, gi, mt, num[None], xp, w.wq, w.ws]
   if bias is not None:
     args.append(bias)
+  rw = None
   if row_weights is not None:
-    args.append(common.pad_rows(row_weights.astype(jnp.float32), mp))
+    rw = common.pad_rows(row_weights.astype(jnp.float32), mp)
+    args.append(rw)
   kernel = functools.partial(
       _kernel, bm=bm, bn=bn, splits=w.splits, k=w.k, n=w.n, num_experts=w.num_experts,
       epilogue=epilogue, alpha=alpha, limit=limit, has_bias=bias is not None,
       has_rw=row_weights is not None, fast=w.normal_scales)
   grid = (gi.shape[0], pl.cdiv(w.n, bn))
+  out_shape = jax.ShapeDtypeStruct((mp, w.n), out_dtype)
+  cost = common.gmm_cost_estimate(
+      m=m, k=w.k, n=w.n, splits=w.splits, num_experts=w.num_experts, x_bytes=nbytes(xp),
+      weight_bytes=nbytes(w.wq, w.ws), bias_bytes=nbytes(bias),
+      out_bytes=nbytes(out_shape), x_reads=grid[1], epilogue=epilogue,
+      other_bytes=nbytes(go, gi, mt, num, rw))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, w.n), out_dtype),
+      out_shape=out_shape,
       grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
       interpret=interpret,
+      cost_estimate=cost,
       name="mxfp4_gmm_triton",
   )(*args)
   return out[:m]
