@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import banded_attention
+from pallas_kernels.impl import Impl
 
 from .config import GptOssConfig
 from .layers import attention_xla, experts_pallas, experts_xla, visible_mask
@@ -88,7 +89,7 @@ class PallasAttention:
 
     mesh: Mesh | None = None  # compute mesh (Auto axes)
     rules: ShardingRules = DEFAULT_RULES
-    impl: str = "auto"
+    impl: Impl = Impl.AUTO
     name = "pallas"
 
     def manual_specs(self, batch: int, heads: int, kv_heads: int) -> tuple[P, P, P]:
