@@ -52,6 +52,7 @@ from .errors import read_json_object, same_or_nested
 from .params import flat_key, param_path
 
 TRAIN_STATE_DIR = "train_state"
+_DEFAULT_PAD = 199999  # <|endoftext|>: padding when the config names none
 MANIFEST = "gptoss_finetune.json"  # marks a folder as a run's output; lists the files its export wrote
 LOG_FILE = "train_log.jsonl"
 _ASSISTANT = "assistant"
@@ -151,7 +152,7 @@ class Dataset:
     truncated: int = 0
 
     @classmethod
-    def from_examples(cls, examples: Iterable, seq_len: int, *, pad_id: int = 199999,
+    def from_examples(cls, examples: Iterable, seq_len: int, *, pad_id: int = _DEFAULT_PAD,
                       reasoning_effort: str = "medium", labels: Sequence[str] | None = None) -> "Dataset":
         """`labels`: how errors name each example (default "example <i>"; from_jsonl: "path:line").
         Every example must leave the loss at least one assistant token within `seq_len`."""
@@ -670,8 +671,11 @@ def finetune(model, data, cfg: FinetuneConfig | None = None, *, out_dir: str | N
 
     out_dir: checkpoints go to out_dir/train_state (every cfg.save_every steps, the last cfg.keep kept,
         and at the end), the loss log to out_dir/train_log.jsonl, and (export=True) the merged model in
-        the Hugging Face layout to out_dir itself, so `load_model(out_dir)` loads the result.
-    resume: continue from the latest checkpoint in out_dir/train_state (same settings; `steps` may grow).
+        the Hugging Face layout to out_dir itself, so `load_model(out_dir)` loads the result. A new run needs
+        out_dir absent or empty and apart from the base model's folder (`check_out_dir`); the export
+        replaces only the files of the run's earlier export (its manifest, gptoss_finetune.json).
+    resume: continue from the latest checkpoint in out_dir/train_state (same settings, `steps` may grow;
+        same base weights, checked by hash).
     stop_after: stop once this optimizer step is reached (as if interrupted; checkpointed, not exported).
     """
     cfg = cfg or FinetuneConfig()
@@ -680,18 +684,27 @@ def finetune(model, data, cfg: FinetuneConfig | None = None, *, out_dir: str | N
     if out_dir is not None:
         out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
         check_out_dir(out_dir, base, resume)
+    if not isinstance(data, (Dataset, str, os.PathLike)):
+        data = list(data)  # may be rendered twice
+
+    def dataset(pad_id):
+        if isinstance(data, (str, os.PathLike)):
+            return Dataset.from_jsonl(os.fspath(data), cfg.seq_len, pad_id=pad_id, reasoning_effort=cfg.reasoning_effort)
+        return Dataset.from_examples(data, cfg.seq_len, pad_id=pad_id, reasoning_effort=cfg.reasoning_effort)
+
+    ds = data if isinstance(data, Dataset) else None
     if base is not None:
         from .api import load_model
 
+        if ds is None:  # the data's errors before a long load (or download); padded with the usual id
+            ds = dataset(_DEFAULT_PAD)
         model = load_model(base, dtype=dtype, kernels=kernels, progress=progress, mesh=mesh)
     if out_dir is not None:
         _check_export_clashes(out_dir, export_names(model.config))
-    if not isinstance(data, Dataset):
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 199999
-        if isinstance(data, (str, os.PathLike)):
-            data = Dataset.from_jsonl(os.fspath(data), cfg.seq_len, pad_id=pad, reasoning_effort=cfg.reasoning_effort)
-        else:
-            data = Dataset.from_examples(data, cfg.seq_len, pad_id=pad, reasoning_effort=cfg.reasoning_effort)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else _DEFAULT_PAD
+    if ds is None or (not isinstance(data, Dataset) and pad != _DEFAULT_PAD):
+        ds = dataset(pad)
+    data = ds
     trainer = Trainer(model, data, cfg, out_dir=out_dir, mesh=mesh, base_model=base)
     if resume and out_dir is not None and not trainer.restore():
         print(f"no checkpoint in {os.path.join(out_dir, TRAIN_STATE_DIR)}: starting from step 0")

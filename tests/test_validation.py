@@ -486,11 +486,11 @@ def test_jsonl_errors_name_the_line(tmp_path, capsys, line, match):
     assert f"{data}:3:" in str(e.value)
 
 
-def test_finetune_cli_jsonl_error_is_one_line(full_vocab, tmp_path, capsys):
+def test_finetune_cli_jsonl_error_is_one_line_before_the_model_loads(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": null}]}\n')
-    cli_error(capsys, "finetune", "--model", full_vocab, "--data", data, "--steps", 1, "--out", tmp_path / "o",
-              "--kernels", "xla", fragments=(f"{data}:1:",))
+    cli_error(capsys, "finetune", "--model", tmp_path / "not-loaded", "--data", data, "--steps", 1,
+              "--out", tmp_path / "o", "--kernels", "xla", fragments=(f"{data}:1:",))
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
 
 
