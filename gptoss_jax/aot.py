@@ -112,9 +112,9 @@ def default_mesh_shape(n: int, num_experts: int) -> dict[str, int]:
 
 
 def _load_cfg(model: str):
-    from .config import load_config, preset
+    from .config import config_for
 
-    return load_config(model) if os.path.exists(model) else preset(model)
+    return config_for(model)
 
 
 def abstract_sharded_model(cfg, mesh, rules=None, dtype="bfloat16", kernels="xla"):
@@ -187,6 +187,10 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
 
     if target_name not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target_name!r}")
+    for name, v in (("batch", batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk), ("devices", devices),
+                    *((f"mesh {a}", k) for a, k in (mesh_shape or {}).items())):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     target = TARGETS[target_name]
     cfg = _load_cfg(model)
     if mesh_shape is None:

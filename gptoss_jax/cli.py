@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -22,7 +21,11 @@ def _cmd_random(args):
     from .config import load_config, preset
 
     if (args.preset is None) == (args.config is None):
-        sys.exit("gptoss-jax make-random-checkpoint: give exactly one of --preset or --config")
+        raise ValueError("give exactly one of --preset or --config")
+    if args.num_shards is not None and args.num_shards < 1:
+        raise ValueError(f"--num-shards must be >= 1, got {args.num_shards}")
+    from .sampling import validate_seed
+    validate_seed(args.seed, "--seed")
     cfg = preset(args.preset) if args.preset else load_config(args.config)
     t = time.perf_counter()
     write_random_checkpoint(cfg, args.dst, layout=args.layout, seed=args.seed, num_shards=args.num_shards,
@@ -33,10 +36,10 @@ def _cmd_random(args):
 
 
 def _cmd_info(args):
-    from .config import load_config, preset
+    from .config import config_for
     from .model import abstract_model, count_params
 
-    cfg = load_config(args.model) if os.path.exists(args.model) else preset(args.model)
+    cfg = config_for(args.model)
     n_params, n_bytes = count_params(abstract_model(cfg))
     info = {"parameters": n_params, "bytes": n_bytes, "layers": cfg.num_hidden_layers,
             "experts": cfg.num_local_experts, "layer_types": list(cfg.layer_types)}
@@ -51,6 +54,17 @@ def _load(args):
 
     print(f"loading {args.model} ...", file=sys.stderr)
     return load_model(args.model, dtype=args.dtype, kernels=args.kernels, progress=True)
+
+
+def _check_run_args(args):
+    """Everything about sampling that can be checked without the model, before it loads (or downloads)."""
+    from .sampling import validate_sampling, validate_seed
+
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    validate_sampling(1.0 if args.temperature is None else args.temperature,
+                      1.0 if args.top_p is None else args.top_p, args.top_k)
+    validate_seed(args.seed, "--seed")
 
 
 def _sampling_kwargs(args):
@@ -78,6 +92,8 @@ def _stream_text(enc, token_iter, stop_tokens):
 
 def _assistant_turn(model, enc, messages, args):
     """Render the conversation, stream the reply (final channel; analysis too if asked), return the final text."""
+    from openai_harmony import HarmonyError
+
     from .generate import generate_stream
     from .harmony import render_prompt, stream_deltas
 
@@ -102,7 +118,7 @@ def _assistant_turn(model, enc, messages, args):
             if args.show_reasoning or channel == "final":
                 sys.stdout.write(delta)
                 sys.stdout.flush()
-    except Exception as e:  # openai-harmony rejects malformed output (e.g. an untrained model)
+    except HarmonyError as e:  # openai-harmony rejects malformed output (e.g. an untrained model); only that
         text = enc.decode(produced)
         print(f"\n[the reply is not valid harmony ({e}); raw text follows]\n{text}", file=sys.stderr)
         return text
@@ -115,7 +131,8 @@ def _cmd_generate(args):
     from .tokenizer import load_tokenizer
 
     if not args.prompt:
-        sys.exit("gptoss-jax generate: error: the prompt is empty")
+        raise ValueError("the prompt is empty")
+    _check_run_args(args)
     enc = load_tokenizer()
     model = _load(args)
     if args.raw:
@@ -129,6 +146,7 @@ def _cmd_generate(args):
 def _cmd_chat(args):
     from .tokenizer import load_tokenizer
 
+    _check_run_args(args)
     enc = load_tokenizer()
     model = _load(args)
     messages = []
@@ -264,12 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+USER_ERRORS = (ValueError, OSError, RuntimeError)  # CheckpointError and ConfigError are ValueErrors
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
 def main(argv=None):
+    """Run one command. A user error prints one line, `gptoss-jax <cmd>: error: ...`, and exits 2;
+    Ctrl-C exits 130 (temporary folders are removed on the way out)."""
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        sys.exit(f"gptoss-jax {args.command}: error: {e}")
+    except USER_ERRORS as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line
+        print(f"gptoss-jax {args.command}: error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print(f"gptoss-jax {args.command}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

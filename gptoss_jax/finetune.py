@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -47,10 +46,14 @@ import optax
 from flax import nnx
 
 from . import lora as lora_lib
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import HF_INDEX, CheckpointError, release_shards, save_checkpoint, tensor_specs
+from .checkpoint.atomic import remove_path, scratch_dir
+from .errors import read_json_object, same_or_nested
 from .params import flat_key, param_path
 
 TRAIN_STATE_DIR = "train_state"
+_DEFAULT_PAD = 199999  # <|endoftext|>: padding when the config names none
+MANIFEST = "gptoss_finetune.json"  # marks a folder as a run's output; lists the files its export wrote
 LOG_FILE = "train_log.jsonl"
 _ASSISTANT = "assistant"
 
@@ -113,19 +116,31 @@ def render_example(example: dict | Sequence, *, reasoning_effort: str = "medium"
     return ids, assistant_mask(ids, enc)
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl_lines(path: str) -> list[tuple[str, dict]]:
+    """("path:line", record) for every non-blank line; each line must be one JSON object."""
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object {{\"messages\": [...]}}, got a {type(rec).__name__}")
+        out.append((f"{path}:{n}", rec))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [rec for _, rec in read_jsonl_lines(path)]
 
 
 @dataclasses.dataclass
@@ -137,31 +152,43 @@ class Dataset:
     truncated: int = 0
 
     @classmethod
-    def from_examples(cls, examples: Iterable, seq_len: int, *, pad_id: int = 199999,
-                      reasoning_effort: str = "medium") -> "Dataset":
+    def from_examples(cls, examples: Iterable, seq_len: int, *, pad_id: int = _DEFAULT_PAD,
+                      reasoning_effort: str = "medium", labels: Sequence[str] | None = None) -> "Dataset":
+        """`labels`: how errors name each example (default "example <i>"; from_jsonl: "path:line").
+        Every example must leave the loss at least one assistant token within `seq_len`."""
+        from openai_harmony import HarmonyError
+
         from .harmony import load_harmony_encoding
 
         enc = load_harmony_encoding()
         rows, masks, truncated = [], [], 0
-        for ex in examples:
-            ids, mask = render_example(ex, reasoning_effort=reasoning_effort, encoding=enc)
+        for i, ex in enumerate(examples):
+            label = labels[i] if labels is not None else f"example {i}"
+            try:
+                ids, mask = render_example(ex, reasoning_effort=reasoning_effort, encoding=enc)
+            except (ValueError, TypeError, KeyError, HarmonyError) as e:
+                raise ValueError(f"{label}: {e}") from None
+            if not mask[1:].any():
+                raise ValueError(f"{label}: no assistant tokens to train on (the conversation needs an assistant "
+                                 "message)")
             if len(ids) > seq_len:
                 truncated += 1
+                first = int(np.argmax(mask))
                 ids, mask = ids[:seq_len], mask[:seq_len]
+                if not mask[1:].any():
+                    raise ValueError(f"{label}: no assistant tokens within the first {seq_len} tokens (the "
+                                     f"assistant's reply starts at token {first}): raise seq_len or shorten it")
             pad = seq_len - len(ids)
             rows.append(np.pad(ids, (0, pad), constant_values=pad_id))
             masks.append(np.pad(mask, (0, pad)))
         if not rows:
             raise ValueError("no training examples")
-        ds = cls(np.stack(rows).astype(np.int32), np.stack(masks), truncated)
-        if not ds.mask[:, 1:].any():
-            raise ValueError(f"no assistant tokens within the first {seq_len} tokens of any example "
-                             "(raise seq_len?)")
-        return ds
+        return cls(np.stack(rows).astype(np.int32), np.stack(masks), truncated)
 
     @classmethod
     def from_jsonl(cls, path: str, seq_len: int, **kw) -> "Dataset":
-        return cls.from_examples(read_jsonl(path), seq_len, **kw)
+        labels, records = zip(*read_jsonl_lines(path))
+        return cls.from_examples(records, seq_len, labels=labels, **kw)
 
     def __len__(self):
         return len(self.ids)
@@ -213,6 +240,32 @@ class FinetuneConfig:
     save_every: int = 50
     keep: int = 3
     reasoning_effort: str = "medium"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Type and range of every setting (ValueError naming it); run before anything loads or trains."""
+        from .config import check_value
+        from .harmony import REASONING_EFFORTS
+        from .sampling import validate_seed
+
+        rules = {"steps": ("int", 1), "batch_size": ("int", 1), "seq_len": ("int", 2), "lr": ("real>", 0.0),
+                 "end_lr_fraction": ("real>=", 0.0), "weight_decay": ("real>=", 0.0), "clip_norm": ("real>", 0.0),
+                 "grad_accum": ("int", 1), "lora_rank": ("int", 0), "save_every": ("int", 1), "keep": ("int", 1)}
+        for name, rule in rules.items():
+            setattr(self, name, check_value(name, getattr(self, name), rule))
+        if self.end_lr_fraction > 1:
+            raise ValueError(f"end_lr_fraction must be in [0, 1], got {self.end_lr_fraction}")
+        if self.warmup_steps is not None:
+            self.warmup_steps = check_value("warmup_steps", self.warmup_steps, ("int", 0))
+        if self.lora_alpha is not None:
+            self.lora_alpha = check_value("lora_alpha", self.lora_alpha, ("real>", 0.0))
+        if self.lora_rank > 0:
+            lora_lib._targets(self.lora_targets)  # a non-empty subset of the known targets
+        validate_seed(self.seed)
+        if self.reasoning_effort not in REASONING_EFFORTS:
+            raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {self.reasoning_effort!r}")
 
     def schedule(self):
         warmup = max(1, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
@@ -268,6 +321,41 @@ def _replicate_on(model, mesh):
     nnx.update(model, jax.tree.map(place, nnx.state(model)))
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: nothing of that state is saved or exported."""
+
+
+def check_dataset_ids(dataset: Dataset, vocab_size: int):
+    """Every token id of the data (padding included) must be in the model's vocabulary: an id past it
+    reads no embedding row and trains to NaN."""
+    top = int(dataset.ids.max(initial=0))
+    if top >= vocab_size or int(dataset.ids.min(initial=0)) < 0:
+        raise ValueError(f"the training data holds token id {top} but the model's vocabulary has {vocab_size} "
+                         "tokens (harmony's special tokens need the o200k_harmony vocabulary of 201088)")
+
+
+def base_fingerprint(model, cfg: FinetuneConfig) -> str | None:
+    """blake2b of the base weights the run changes, bit for bit (LoRA: the adapted projections; full
+    fine-tuning: every dense parameter); None when they are not all on this process."""
+    import hashlib
+
+    if cfg.lora_rank > 0:
+        targets = lora_lib._targets(cfg.lora_targets)
+        arrays = [(f"{i}.{t}", getattr(getattr(b, lora_lib._WEIGHTS[t][0]), lora_lib._WEIGHTS[t][1])[...])
+                  for i, b in enumerate(model.blocks) for t in targets]
+    else:
+        arrays = [(flat_key(param_path(k)), v.get_value() if hasattr(v, "get_value") else v.value)
+                  for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    if not all(getattr(a, "is_fully_addressable", True) for _, a in arrays):
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for name, a in arrays:
+        host = np.ascontiguousarray(jax.device_get(a))
+        h.update(f"{name}:{host.dtype}:{host.shape};".encode())
+        h.update(memoryview(host.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
 @nnx.jit(static_argnames=("wrt",))
 def _train_step(model, optimizer, ids, mask, wrt):
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
@@ -288,11 +376,13 @@ class Trainer:
 
     def __init__(self, model, dataset: Dataset, cfg: FinetuneConfig, *, out_dir: str | None = None,
                  mesh=None, base_model: str | None = None):
-        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        cfg.validate()
+        check_dataset_ids(dataset, model.config.vocab_size)
         mesh = mesh if mesh is not None else model.runtime.mesh  # load_model(..., mesh=)
         self.model, self.dataset, self.cfg, self.mesh = model, dataset, cfg, mesh
         self.out_dir, self.base_model = out_dir, base_model
+        # the base weights this run changes, hashed before it changes anything (resume checks them)
+        self.base_fingerprint = base_fingerprint(model, cfg) if out_dir is not None else None
         if mesh is not None:
             if "data" not in mesh.axis_names:
                 raise ValueError(f"the mesh needs a 'data' axis for data parallelism, has {mesh.axis_names}")
@@ -338,8 +428,11 @@ class Trainer:
             ids, mask = self._batch()
             total += float(_train_step(self.model, self.optimizer, ids, mask, self.wrt))
             self.micro_step += 1
-        self.step += 1
         loss = total / self.cfg.grad_accum
+        if not np.isfinite(loss):
+            raise TrainingDiverged(f"step {self.step + 1}: the loss is {loss} (learning rate too high, or "
+                                     "bad data?); stopped without saving or exporting this state")
+        self.step += 1
         self.losses.append(loss)
         return loss
 
@@ -362,6 +455,7 @@ class Trainer:
                 "data_position": self.micro_step * self.cfg.batch_size,
                 "rng": [int(x) for x in np.asarray(jax.random.key_data(self.rng)).reshape(-1)],
                 "losses": self.losses, "config": self.cfg.to_dict(), "base_model": self.base_model,
+                "base_fingerprint": self.base_fingerprint,
                 "lora": lora_lib.lora_info(self.model), "time": time.time()}
 
     def save(self, force: bool = False) -> bool:
@@ -395,12 +489,22 @@ class Trainer:
         if saved != now:
             diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
             raise ValueError(f"cannot resume: the checkpoint was trained with other settings (saved, now): {diff}")
+        saved_fp = meta.get("base_fingerprint")
+        if saved_fp is not None and self.base_fingerprint is not None and saved_fp != self.base_fingerprint:
+            raise ValueError(f"cannot resume: the base model's weights are not those the run started from "
+                             f"({meta.get('base_model') or 'a model object'}); resuming would apply the adapters "
+                             "to other weights (an export merged into the base?). Pass the original --model")
         _load_flat(self.model, self.wrt, r["params"])
         _load_flat(self.optimizer, None, r["opt"])
         self.step, self.micro_step = int(meta["step"]), int(meta["micro_step"])
         self.losses = [float(x) for x in meta["losses"]]
         self.rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
         return True
+
+    def saved_any(self) -> bool:
+        """Whether out_dir/train_state holds a checkpoint."""
+        state_dir = os.path.join(self.out_dir, TRAIN_STATE_DIR) if self.out_dir else None
+        return bool(state_dir and os.path.isdir(state_dir) and any(e.isdigit() for e in os.listdir(state_dir)))
 
     def wait(self):
         if self._manager is not None:
@@ -448,26 +552,95 @@ def merged_copy(model):
     return lora_lib.merge_lora(nnx.merge(graphdef, state))
 
 
-_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+_EXPORT_FILES = ("config.json", "generation_config.json", HF_INDEX)
+MANIFEST_FORMAT = "gptoss-jax-finetune-v1"
+
+
+def export_names(cfg) -> list[str]:
+    """The files `export_hf` writes for a model of config `cfg`."""
+    shards = release_shards(cfg, "hf", tensor_specs(cfg, "hf"))
+    return [fn for fn, _ in shards] + ["config.json", "generation_config.json"] + ([HF_INDEX] if len(shards) > 1 else [])
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    p = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(p):
+        return None
+    m = read_json_object(p, "the fine-tuning run's manifest")
+    if m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("exported", []), list):
+        raise CheckpointError(f"{p}: not a gptoss-jax fine-tuning manifest")
+    return m
+
+
+def _write_manifest(out_dir: str, manifest: dict):
+    tmp = os.path.join(out_dir, f".{MANIFEST}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"format": MANIFEST_FORMAT, **manifest}, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+
+def _owned_exports(out_dir: str) -> set[str]:
+    """The files an earlier export of this run wrote (its manifest); a folder of an older version
+    (train_state/ but no manifest): its export-named files, as that version assumed."""
+    m = read_manifest(out_dir)
+    if m is not None:
+        return set(m.get("exported", []))
+    if os.path.isdir(os.path.join(out_dir, TRAIN_STATE_DIR)):
+        return {f for f in os.listdir(out_dir) if f.endswith(".safetensors") or f in _EXPORT_FILES}
+    return set()
+
+
+def _check_export_clashes(out_dir: str, names) -> None:
+    owned = _owned_exports(out_dir)
+    clash = sorted(f for f in names if os.path.lexists(os.path.join(out_dir, f)) and f not in owned)
+    if clash:
+        raise FileExistsError(f"{out_dir} holds {', '.join(clash)}, which this run did not write: the export "
+                              "would replace it; choose an empty or new folder")
 
 
 def export_hf(model, out_dir: str, *, progress: bool = False) -> str:
-    """Write `model` (adapters merged) in the Hugging Face layout into `out_dir`, next to whatever else
-    the folder holds (train_state/, train_log.jsonl): the weight files are written to a temporary
-    folder, then moved in, replacing an earlier export."""
+    """Write `model` (adapters merged) in the Hugging Face layout into `out_dir`, next to what the run
+    keeps there (train_state/, train_log.jsonl, its manifest): written to a temporary folder first, then
+    moved in, replacing the files of an earlier export of the run (listed in its manifest) and nothing
+    else; a file of that name the run did not write is refused (FileExistsError)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(merged_copy(model) if lora_lib.has_lora(model) else model, tmp, layout="hf", progress=progress)
-    new = set(os.listdir(tmp))
-    for fn in os.listdir(out_dir):  # an earlier export's files that this one does not have
-        if fn not in new and (fn.endswith(".safetensors") or fn in _EXPORT_FILES):
-            os.remove(os.path.join(out_dir, fn))
-    for fn in sorted(new, key=lambda f: f == "config.json"):  # config.json last: the folder loads once it exists
-        os.replace(os.path.join(tmp, fn), os.path.join(out_dir, fn))
-    shutil.rmtree(tmp, ignore_errors=True)
+    owned = _owned_exports(out_dir)
+    manifest = read_manifest(out_dir) or {}
+    with scratch_dir(out_dir, "export") as tmp:
+        written = os.path.join(tmp, "model")
+        save_checkpoint(merged_copy(model) if lora_lib.has_lora(model) else model, written, layout="hf",
+                        progress=progress)
+        new = sorted(os.listdir(written))
+        _check_export_clashes(out_dir, new)
+        _write_manifest(out_dir, {**manifest, "exported": sorted(owned | set(new))})  # both, until moved
+        for fn in sorted(owned - set(new)):  # an earlier export's files that this one does not have
+            remove_path(os.path.join(out_dir, fn))
+        for fn in sorted(new, key=lambda f: f == "config.json"):  # config.json last: the folder loads once it exists
+            os.replace(os.path.join(written, fn), os.path.join(out_dir, fn))
+        _write_manifest(out_dir, {**manifest, "exported": new})
     return out_dir
+
+
+def check_out_dir(out_dir: str, base: str | None, resume: bool) -> None:
+    """Before anything loads: `out_dir` must not be, hold or lie inside the base model's folder; a new
+    run needs it absent or empty; resuming needs a folder a run wrote (its manifest or train_state/)."""
+    if base is not None and os.path.exists(base) and same_or_nested(out_dir, base):
+        raise ValueError(f"--out {out_dir} is the base model {base}, inside it or holds it: the export would "
+                         "replace the base weights; choose another folder")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"--out {out_dir} exists and is not a folder")
+    entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    state_dir = os.path.join(out_dir, TRAIN_STATE_DIR)
+    if not resume and entries:
+        if os.path.isdir(state_dir) and os.listdir(state_dir):
+            raise FileExistsError(f"{state_dir} holds checkpoints: pass resume=True (--resume) or another folder")
+        raise FileExistsError(f"--out {out_dir} is not empty ({', '.join(sorted(entries)[:3])}"
+                              f"{', ...' if len(entries) > 3 else ''}): a new run writes into an empty or new "
+                              "folder only")
+    if resume and entries and MANIFEST not in entries and TRAIN_STATE_DIR not in entries:
+        raise FileExistsError(f"--out {out_dir} was not written by a fine-tuning run (no {MANIFEST} or "
+                              f"{TRAIN_STATE_DIR}/): nothing to resume, and a run would replace its files")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,27 +676,40 @@ def finetune(model, data, cfg: FinetuneConfig | None = None, *, out_dir: str | N
 
     out_dir: checkpoints go to out_dir/train_state (every cfg.save_every steps, the last cfg.keep kept,
         and at the end), the loss log to out_dir/train_log.jsonl, and (export=True) the merged model in
-        the Hugging Face layout to out_dir itself, so `load_model(out_dir)` loads the result.
-    resume: continue from the latest checkpoint in out_dir/train_state (same settings; `steps` may grow).
+        the Hugging Face layout to out_dir itself, so `load_model(out_dir)` loads the result. A new run needs
+        out_dir absent or empty and apart from the base model's folder (`check_out_dir`); the export
+        replaces only the files of the run's earlier export (its manifest, gptoss_finetune.json).
+    resume: continue from the latest checkpoint in out_dir/train_state (same settings, `steps` may grow;
+        same base weights, checked by hash).
     stop_after: stop once this optimizer step is reached (as if interrupted; checkpointed, not exported).
     """
     cfg = cfg or FinetuneConfig()
-    base = None
-    if not hasattr(model, "forward"):
+    cfg.validate()
+    base = None if hasattr(model, "forward") else os.fspath(model)
+    if out_dir is not None:
+        out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+        check_out_dir(out_dir, base, resume)
+    if not isinstance(data, (Dataset, str, os.PathLike)):
+        data = list(data)  # may be rendered twice
+
+    def dataset(pad_id):
+        if isinstance(data, (str, os.PathLike)):
+            return Dataset.from_jsonl(os.fspath(data), cfg.seq_len, pad_id=pad_id, reasoning_effort=cfg.reasoning_effort)
+        return Dataset.from_examples(data, cfg.seq_len, pad_id=pad_id, reasoning_effort=cfg.reasoning_effort)
+
+    ds = data if isinstance(data, Dataset) else None
+    if base is not None:
         from .api import load_model
 
-        base = os.fspath(model)
+        if ds is None:  # the data's errors before a long load (or download); padded with the usual id
+            ds = dataset(_DEFAULT_PAD)
         model = load_model(base, dtype=dtype, kernels=kernels, progress=progress, mesh=mesh)
     if out_dir is not None:
-        state_dir = os.path.join(out_dir, TRAIN_STATE_DIR)
-        if not resume and os.path.isdir(state_dir) and os.listdir(state_dir):
-            raise FileExistsError(f"{state_dir} holds checkpoints: pass resume=True (--resume) or another folder")
-    if not isinstance(data, Dataset):
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 199999
-        if isinstance(data, (str, os.PathLike)):
-            data = Dataset.from_jsonl(os.fspath(data), cfg.seq_len, pad_id=pad, reasoning_effort=cfg.reasoning_effort)
-        else:
-            data = Dataset.from_examples(data, cfg.seq_len, pad_id=pad, reasoning_effort=cfg.reasoning_effort)
+        _check_export_clashes(out_dir, export_names(model.config))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else _DEFAULT_PAD
+    if ds is None or (not isinstance(data, Dataset) and pad != _DEFAULT_PAD):
+        ds = dataset(pad)
+    data = ds
     trainer = Trainer(model, data, cfg, out_dir=out_dir, mesh=mesh, base_model=base)
     if resume and out_dir is not None and not trainer.restore():
         print(f"no checkpoint in {os.path.join(out_dir, TRAIN_STATE_DIR)}: starting from step 0")
@@ -535,14 +721,22 @@ def finetune(model, data, cfg: FinetuneConfig | None = None, *, out_dir: str | N
         if log is not None:
             log(step, loss)
 
+    created = out_dir is not None and not os.path.exists(out_dir)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
+        if read_manifest(out_dir) is None:
+            _write_manifest(out_dir, {"base_model": base, "exported": sorted(_owned_exports(out_dir))})
     try:
         new = trainer.run(until=stop_after, progress=progress, on_step=on_step)
         if out_dir is not None:
             trainer.save(force=True)
-    finally:
+    except BaseException:
         trainer.close()
+        # a folder this call made and holding no checkpoint is of no use: nothing of a failed run stays
+        if created and not trainer.saved_any():
+            remove_path(out_dir)
+        raise
+    trainer.close()
     if export and out_dir is not None and trainer.step >= cfg.steps:
         export_hf(trainer.model, out_dir)
     return FinetuneResult(list(trainer.losses), new, trainer.step, out_dir, trainer.model)

@@ -69,17 +69,46 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _int_row(r, what: str) -> np.ndarray:
+    """One prompt as a 1-D integer array; floats and bools are refused, not truncated."""
+    a = np.asarray(r)
+    if a.size == 0:
+        raise ValueError(f"{what} is empty: every row needs at least one token")
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{what} must hold integer token ids, got {a.dtype} values")
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be a flat list of token ids, got shape {a.shape}")
+    return a
+
+
 def prepare_prompts(input_ids, vocab_size: int, prompt_lengths=None) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged rows (lists / 1-D arrays) or a [B, T] array -> (right-padded ids, lengths)."""
+    """Ragged rows (lists / 1-D arrays) or a [B, T] array -> (right-padded ids, lengths).
+    `prompt_lengths` (with a [B, T] array only): one length per row, each in [1, T]."""
     if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
-        rows = [np.asarray(r).reshape(-1) for r in input_ids]
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths goes with a [batch, tokens] array; a list of token lists "
+                             "gives each row's length itself")
+        rows = [_int_row(r, f"prompt {b}") for b, r in enumerate(input_ids)]
     else:
         arr = np.asarray(input_ids)
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens] or a list of token lists, got shape {arr.shape}")
-        lens = np.full(arr.shape[0], arr.shape[1]) if prompt_lengths is None else np.asarray(prompt_lengths)
+        if arr.size:
+            _int_row(arr.reshape(-1), "input_ids")
+        if prompt_lengths is None:
+            lens = np.full(arr.shape[0], arr.shape[1])
+        else:
+            lens = np.asarray(prompt_lengths)
+            if lens.dtype.kind not in "iu" or lens.shape != (arr.shape[0],):
+                raise ValueError(f"prompt_lengths must be {arr.shape[0]} integers (one per row), got "
+                                 f"{lens.dtype} of shape {lens.shape}")
+            bad = (lens < 1) | (lens > arr.shape[1])
+            if bad.any():
+                b = int(np.argmax(bad))
+                raise ValueError(f"prompt_lengths[{b}] = {int(lens[b])} is not in [1, {arr.shape[1]}] "
+                                 "(the row's tokens)")
         rows = [arr[b, :int(n)] for b, n in enumerate(lens)]
     if not rows:
         raise ValueError("input_ids holds no prompt")

@@ -25,11 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["validate_sampling", "filter_logits", "sample", "sample_rows", "greedy", "token_logprobs"]
+__all__ = ["validate_seed", "validate_sampling", "filter_logits", "sample", "sample_rows", "greedy", "token_logprobs"]
 
 
 def _is_real(x) -> bool:
     return isinstance(x, (numbers.Real, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def validate_seed(seed, name: str = "seed") -> int:
+    """A seed `jax.random.key` takes: an integer in [-2**63, 2**63) (ValueError otherwise)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (numbers.Integral, np.integer)) or \
+            not -2**63 <= int(seed) < 2**63:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def validate_sampling(temperature=1.0, top_p=1.0, top_k=None) -> None:

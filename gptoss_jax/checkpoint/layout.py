@@ -5,7 +5,6 @@ detection of a local folder. Reading, validating, writing and exporting all use 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 
@@ -14,7 +13,7 @@ import numpy as np
 from pallas_kernels import mxfp4
 
 from ..config import GptOssConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, read_json_object
 from ..params import ParamPath
 from .safetensors_io import nbytes
 
@@ -167,8 +166,7 @@ def detect_layout(path: str) -> str:
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face folder, an original/ "
                               "folder or a gptoss-jax converted folder)")
-    with open(cfg_path) as f:
-        d = json.load(f)
+    d = read_json_object(cfg_path, error=ConfigError)
     return "original" if "num_experts" in d and "num_local_experts" not in d else "hf"
 
 

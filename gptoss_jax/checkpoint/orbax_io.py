@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from ..config import GptOssConfig, load_config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json_object
 from ..params import ParamPath, assemble, flat_key, param_leaves
 from .atomic import atomic_dir
 from .hub import resolve
@@ -46,7 +46,7 @@ def convert(src: str, dst: str, *, overwrite: bool = False, progress: bool = Tru
     if layout == "orbax":
         raise CheckpointError(f"{src} is already a converted gptoss-jax checkpoint")
     cfg = load_config(src)
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, source=src) as tmp:  # refuses a dst that is, holds or is in src
         # Uncompressed: MXFP4 codes and bf16 weights hardly compress, and zstd halves the restore speed.
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
         group, arrays = None, {}
@@ -71,8 +71,8 @@ def convert(src: str, dst: str, *, overwrite: bool = False, progress: bool = Tru
 def load_orbax_model(path: str, abstract_model, *, shardings=None):
     import orbax.checkpoint as ocp
 
-    with open(os.path.join(path, ORBAX_MARKER)) as f:
-        marker = json.load(f)
+    path = os.path.abspath(path)  # orbax restores absolute paths only
+    marker = read_json_object(os.path.join(path, ORBAX_MARKER), "the gptoss-jax marker")
     if marker.get("format") != ORBAX_FORMAT:
         raise CheckpointError(f"{path}: unknown gptoss-jax format {marker.get('format')!r}")
     leaves = param_leaves(abstract_model)

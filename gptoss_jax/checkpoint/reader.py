@@ -3,7 +3,6 @@ table, stream (param path, host array) pairs and load them onto devices (or stra
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterator
 
@@ -12,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import GptOssConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, read_json_object
 from ..params import ParamPath, assemble, flat_key, param_leaves
 from .layout import HF_INDEX, TensorSpec, tensor_specs
 from .safetensors_io import SafetensorsFile, nbytes
@@ -22,8 +21,12 @@ def _open_files(path: str, layout: str) -> dict[str, SafetensorsFile]:
     """tensor name -> open file, via the HF index when present, else every *.safetensors."""
     index = os.path.join(path, HF_INDEX)
     if layout == "hf" and os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        weight_map = read_json_object(index, "the shard index").get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v and os.path.basename(v) == v and v.endswith(".safetensors")
+                for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to .safetensors file names "
+                                  "in the same folder")
         files = sorted(set(weight_map.values()))
         for fn in files:
             if not os.path.exists(os.path.join(path, fn)):

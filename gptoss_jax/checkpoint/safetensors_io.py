@@ -26,6 +26,64 @@ def nbytes(shape, dtype: str) -> int:
     return math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize
 
 
+def _header_error(path: str, msg: str) -> CheckpointError:
+    return CheckpointError(f"{path}: invalid safetensors header: {msg}")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def parse_header(path: str, header, data_start: int, file_size: int) -> tuple[dict, dict]:
+    """The rules of the `safetensors` library: a JSON object of tensors (plus an optional
+    `__metadata__` of strings); each with a known dtype, a shape of non-negative integers and
+    `data_offsets` [begin, end] of non-negative integers spanning exactly its bytes; the tensors,
+    ordered by offset, tile the data area from byte 0 to its end with no gap and no overlap.
+    Returns (metadata, {name: (dtype, shape, begin, end)})."""
+    if not isinstance(header, dict):
+        raise _header_error(path, f"expected a JSON object, got a {type(header).__name__}")
+    header = dict(header)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _header_error(path, "__metadata__ must be an object of strings")
+    entries = {}
+    for name, e in header.items():
+        if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"} or len(e) != 3:
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r} (expected the keys "
+                                  "dtype, shape, data_offsets)")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r} "
+                                  "(a list of non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r} "
+                                  "(two non-negative integers, begin <= end)")
+        (b, t), shape = offsets, tuple(shape)
+        size_needed = nbytes(shape, dtype)
+        if t - b != size_needed:
+            raise CheckpointError(f"{path}: tensor {name!r} spans {t - b} bytes but "
+                                  f"{dtype}{list(shape)} needs {size_needed}")
+        entries[name] = (dtype, shape, b, t)
+    end = 0
+    for name, (_, _, b, t) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if b < end:
+            raise _header_error(path, f"tensor {name!r} (bytes {b}..{t}) overlaps the tensor before it "
+                                      f"(which ends at {end})")
+        if b > end:
+            raise _header_error(path, f"a gap of {b - end} bytes before tensor {name!r} (bytes {b}..{t})")
+        if data_start + t > file_size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte "
+                                  f"{data_start + t} but the file has {file_size} bytes")
+        end = t
+    if data_start + end != file_size:
+        raise _header_error(path, f"the tensors cover {end} bytes but the data area has {file_size - data_start} "
+                                  "(trailing bytes)")
+    return metadata, entries
+
+
 class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
@@ -41,36 +99,32 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype, shape, (b, t) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
-            if dtype not in ST_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-            size_needed = nbytes(shape, dtype)
-            if t - b != size_needed:
-                raise CheckpointError(f"{path}: tensor {name!r} spans {t - b} bytes but "
-                                      f"{dtype}{list(shape)} needs {size_needed}")
-            if self.data_start + t > size:
-                raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte "
-                                      f"{self.data_start + t} but the file has {size} bytes")
-            self.entries[name] = (dtype, shape, b, t)
+        self.size = size
+        self.metadata, self.entries = parse_header(path, header, self.data_start, size)
         self._mm = None
 
     def _map(self):
         if self._mm is None:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._fd = os.dup(f.fileno())
         return self._mm
 
+    def _check_size(self, name: str, end: int):
+        """The file must still hold the tensor: touching mapped pages past a truncated end is SIGBUS."""
+        now = os.fstat(self._fd).st_size
+        if now != self.size or len(self._mm) < end:
+            raise CheckpointError(f"{self.path}: the file changed size while being read ({self.size} -> {now} "
+                                  f"bytes; tensor {name!r} needs bytes up to {end}): was it truncated or "
+                                  "rewritten during the load?")
+
     def get(self, name: str) -> np.ndarray:
-        """Zero-copy read-only view of one tensor."""
+        """Zero-copy read-only view of one tensor (the file size is checked again first)."""
         dtype, shape, b, t = self.entries[name]
-        return np.frombuffer(self._map(), dtype=ST_DTYPES[dtype], count=math.prod(shape),
+        mm = self._map()
+        self._check_size(name, self.data_start + t)
+        return np.frombuffer(mm, dtype=ST_DTYPES[dtype], count=math.prod(shape),
                              offset=self.data_start + b).reshape(shape)
 
     def release(self, name: str):
@@ -87,6 +141,7 @@ class SafetensorsFile:
             with contextlib.suppress(BufferError):
                 self._mm.close()
             self._mm = None
+            os.close(self._fd)
 
 
 def write_safetensors(path: str, tensors: Iterable[tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]],
