@@ -46,7 +46,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .generate import MIN_BUCKET, STOP_SLOTS, _next_pow2
-from .model import GptOss, KVCache, check_token_ids
+from .model import GptOss, KVCache
 from .sampling import sample_rows, token_logprobs, validate_sampling
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -135,11 +135,8 @@ class SlotCache:
     max_len: int
 
     def init(self, model: GptOss) -> KVCache:
-        rt = model.runtime
-        abstract = jax.eval_shape(lambda: KVCache.init(model.config, self.max_seqs, self.max_len, model.dtype))
-        out = None if rt.mesh is None else jax.tree.map(lambda s: NamedSharding(rt.mesh, s), rt.cache_specs(abstract))
-        return jax.jit(lambda: KVCache.init(model.config, self.max_seqs, self.max_len, model.dtype),
-                       out_shardings=out)()
+        """An empty cache placed as `runtime.cache_specs` says (slots over `data`)."""
+        return _cache_initializer(model.config, model.dtype, model.runtime, self.max_seqs, self.max_len)()
 
     def release(self, slot: int) -> None:
         """A slot freed: nothing to do for contiguous rows (its next first chunk resets its length)."""
@@ -197,6 +194,16 @@ class SlotCache:
 
         return jax.shard_map(local, mesh=mesh, in_specs=(specs, row_specs, P()), out_specs=specs,
                              check_vma=False)(cache, row, slot)
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_initializer(cfg, dtype, runtime, batch: int, max_len: int):
+    """One jitted initializer per (config, dtype, runtime, shape): a new engine compiles nothing."""
+    make = lambda: KVCache.init(cfg, batch, max_len, dtype)  # noqa: E731
+    out = None
+    if runtime.mesh is not None:
+        out = jax.tree.map(lambda s: NamedSharding(runtime.mesh, s), runtime.cache_specs(jax.eval_shape(make)))
+    return jax.jit(make, out_shardings=out)
 
 
 def _local_index(n_local: int, slot, axis):
@@ -407,12 +414,19 @@ class Engine:
 
     # ---- validation ----------------------------------------------------------------------------
     def _check_prompt(self, prompt) -> np.ndarray:
+        """Host-only checks (no device work, so nothing compiles per prompt length)."""
         arr = np.asarray(prompt)
         if arr.ndim != 1:
             raise ValueError(f"a prompt is one list of token ids, got shape {arr.shape}")
         if arr.size == 0:
             raise ValueError("the prompt is empty: a request needs at least one token")
-        return np.asarray(check_token_ids(arr[None], self.model.config.vocab_size))[0].astype(np.int32)
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got {arr.dtype}")
+        V = self.model.config.vocab_size
+        bad = np.flatnonzero((arr < 0) | (arr >= V))
+        if bad.size:
+            raise ValueError(f"token id {int(arr[bad[0]])} at {int(bad[0])} is out of range [0, {V})")
+        return arr.astype(np.int32)
 
     def _resolve(self, sp: SamplingParams, n_prompt: int) -> dict:
         d = self.model.generation_defaults
