@@ -43,8 +43,14 @@ def run(model):
     eng = Engine(model, **ENGINE)
     res = run_schedule(eng, schedule(model.config.vocab_size))
     return dict(tokens={rid: r["tokens"] for rid, r in res.items() if rid is not None},
-                cache_spec=str(eng._cache.k[1].sharding.spec), slot_spec=str(eng._slots_state.live.sharding.spec),
+                cache_spec=_spec(eng._cache.k[1]), slot_spec=_spec(eng._slots_state.live),
                 process_count=jax.process_count(), devices=len(jax.devices()))
+
+
+def _spec(a):
+    """The mesh axis of each dimension (None: replicated), trailing Nones included."""
+    spec = tuple(a.sharding.spec)
+    return list(spec + (None,) * (a.ndim - len(spec)))
 
 
 def run_mesh(ckpt, out):

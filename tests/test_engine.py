@@ -330,8 +330,8 @@ def test_engine_on_a_mesh_shards_slots_over_data_and_equals_solo_generate(model,
     want = _expected(model)
     for kind in ("auto", "explicit"):
         run = mesh_run[kind]
-        assert run["cache_spec"] == "PartitionSpec('data', None, 'model', None)", run["cache_spec"]
-        assert run["slot_spec"] == "PartitionSpec('data',)", run["slot_spec"]
+        assert run["cache_spec"] == ["data", None, "model", None], run["cache_spec"]  # [slots, S, K, H]
+        assert run["slot_spec"] == ["data"], run["slot_spec"]
         for rid, tokens in want.items():
             assert run["tokens"][rid] == tokens, (kind, rid)
 
