@@ -283,6 +283,21 @@ def _deactivate(slots: SlotState, slot):
     return slots.replace(live=slots.live.at[slot].set(False), temperature=slots.temperature.at[slot].set(0.0))
 
 
+def lower_decode(model: GptOss, max_seqs: int, max_len: int):
+    """`decode_slots` lowered from abstract shapes (the model may be abstract, its parameters
+    ShapeDtypeStructs with shardings): what `gptoss-jax aot --max-seqs` compiles for a target."""
+    rt, kv = model.runtime, SlotCache(max_seqs, max_len)
+    cache = jax.eval_shape(lambda: KVCache.init(model.config, max_seqs, max_len, model.dtype))
+    key_shape = tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+    slots = jax.eval_shape(lambda: SlotState(**SlotState.zeros(max_seqs, STOP_SLOTS, key_shape)))
+    if rt.mesh is not None:
+        place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(rt.mesh, s))  # noqa: E731
+        cache = jax.tree.map(place, cache, rt.cache_specs(cache))
+        slots = jax.tree.map(place, slots, _slot_specs(model, slots))
+    graphdef, state = nnx.split(model)
+    return decode_slots.lower(graphdef, state, cache, slots, kv=kv)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side: requests, scheduling, the step loop
 # ---------------------------------------------------------------------------------------------
