@@ -285,9 +285,9 @@ def format_plan(p: dict) -> str:
     lines = [f"gpt-oss plan: {p['model']} ({p.get('kernels', 'xla')} kernels) on {p['devices']} x {p['target']} "
              f"({p['device_kind']}), mesh {mesh}, "
              f"batch {p['batch']}, max_len {p['max_len']}, prefill chunk {p['prefill_chunk']}",
-             f"{'program':<10}{'arguments':>14}{'temp':>14}{'output-alias':>16}{'total':>14}{'compile':>10}"]
+             f"{'program':<14}{'arguments':>14}{'temp':>14}{'output-alias':>16}{'total':>14}{'compile':>10}"]
     for name, q in p["programs"].items():
-        lines.append(f"{name:<10}{g(q['argument_bytes']):>14}{g(q['temp_bytes']):>14}"
+        lines.append(f"{name:<14}{g(q['argument_bytes']):>14}{g(q['temp_bytes']):>14}"
                      f"{g(q['output_bytes'] - q['alias_bytes']):>16}{g(q['total_bytes_per_device']):>14}"
                      f"{q['compile_seconds']:>9.1f}s")
     lines.append(f"per device: arguments (params + KV cache) {g(p['argument_bytes']).strip()}, temp "
