@@ -364,7 +364,6 @@ class Engine:
         self._outbox: list[RequestOutput] = []  # aborts to report
         self._to_release: list[int] = []  # slots to deactivate on the device
         self._pending: list[_Dispatched] = []
-        self._seen: set = set()
         self._next_id = 0
         self._seq = 0
         self.stats = collections.Counter()  # steps, decode_steps, decode_tokens, prefill_tokens, output_tokens
@@ -380,25 +379,26 @@ class Engine:
         prompt = self._check_prompt(prompt_token_ids)
         p = self._resolve(params, len(prompt))
         if request_id is None:
-            while self._next_id in self._seen:
+            while self._in_use(self._next_id):
                 self._next_id += 1
             request_id = self._next_id
         if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
             raise ValueError(f"request_id must be a str or an int, got {request_id!r}")
-        if request_id in self._seen:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self._seen.add(request_id)
+        if self._in_use(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
         self._inbox.append(("add", request_id, prompt.tolist(), p))
         return request_id
 
     def abort_request(self, request_id) -> None:
         """Abort a waiting or running request: its slot frees at the next step (before admissions),
-        which reports it finished with reason "abort". Finished requests are ignored."""
+        which reports it finished with reason "abort". Finished or unknown ids are ignored (as vLLM)."""
         if not self._source:
             raise RuntimeError("abort requests on process 0: it owns the queue and broadcasts it")
-        if request_id not in self._seen:
-            raise KeyError(f"no request with id {request_id!r}")
-        self._inbox.append(("abort", request_id))
+        if self._in_use(request_id):
+            self._inbox.append(("abort", request_id))
+
+    def _in_use(self, rid) -> bool:
+        return rid in self._requests or any(e[0] == "add" and e[1] == rid for e in self._inbox)
 
     def has_unfinished_requests(self) -> bool:
         """Anything queued, running or not yet reported (on several processes: process 0's answer,
@@ -466,7 +466,7 @@ class Engine:
             raise ValueError(f"{len(stops)} stop tokens: at most {self.max_stop_tokens} (Engine(max_stop_tokens=))")
         chunk = min(max(MIN_BUCKET, _next_pow2(n_prompt)), self.prefill_chunk)  # generate's chunking
         return dict(max_tokens=int(sp.max_tokens), temperature=float(temperature), top_p=float(top_p),
-                    top_k=0 if sp.top_k is None else int(sp.top_k), seed=int(sp.seed), stops=stops,
+                    top_k=0 if sp.top_k is None else min(int(sp.top_k), V), seed=int(sp.seed), stops=stops,
                     logprobs=bool(sp.logprobs), chunk=chunk)
 
     # ---- scheduling (host only, process 0 decides) --------------------------------------------
@@ -475,7 +475,6 @@ class Engine:
         for entry in journal:
             if entry[0] == "add":
                 _, rid, prompt, p = entry
-                self._seen.add(rid)
                 self._requests[rid] = _Request(rid, np.asarray(prompt, np.int32), p, self._seq)
                 self._seq += 1
                 self._waiting.append(rid)

@@ -179,10 +179,11 @@ def test_abort_frees_the_slot(model):
     assert got["b"] + res["b"]["tokens"] == solo(model, b, 12, temperature=0.0)[0]
     assert res["c"]["tokens"] == solo(model, c, 9, temperature=0.0)[0]  # in a reused slot
     assert "a" not in res and "d" not in res and eng.num_free_slots() == 2
-    eng.abort_request("b")  # finished: ignored
+    eng.abort_request("b")  # finished: ignored, as unknown ids are
+    eng.abort_request("nope")
     assert eng.step() == [] and not eng.has_unfinished_requests()
-    with pytest.raises(KeyError):
-        eng.abort_request("nope")
+    eng.add_request(b, greedy(2), request_id="b")  # a finished request's id may be used again
+    assert run_schedule(eng, {})["b"]["tokens"] == solo(model, b, 12, temperature=0.0)[0][:2]
 
 
 V = CFG.vocab_size
@@ -217,6 +218,8 @@ def test_bad_input_raises_and_the_engine_keeps_serving(model):
         got += [t for o in eng.step() for t in o.new_token_ids]
     with pytest.raises(ValueError, match="already in use"):
         eng.add_request([1], SamplingParams(max_tokens=2), request_id="ok")
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request([1], SamplingParams(max_tokens=2), request_id=1.5)
     with pytest.raises(ValueError, match="max_len"):
         Engine(model, max_seqs=2, max_len=CFG.max_position_embeddings + 1)
     res = run_schedule(eng, {})
@@ -270,6 +273,17 @@ def test_a_step_that_raises_leaves_no_slot_leaked(model, monkeypatch):
         res = run_schedule(eng, {})
         assert res[f"c{after}"]["reason"] == "abort"
         assert res[f"d{after}"]["tokens"] == solo(model, p[3], 8, temperature=0.0)[0]
+
+
+def test_the_decision_broadcast_round_trips_small_and_large_plans():
+    """What process 0 broadcasts each step (in one process the broadcast is the identity): a plan in
+    the fixed 4 KiB buffer, and one that needs the second, power-of-two sized broadcast."""
+    from gptoss_jax.engine import HEADER_BYTES, _broadcast_plan
+
+    p = dict(max_tokens=4, temperature=0.7, top_p=0.9, top_k=0, seed=2 ** 40, stops=[1, 2], logprobs=False, chunk=16)
+    for n in (10, 3 * HEADER_BYTES):
+        plan = dict(journal=[("add", "r", list(range(n)), p), ("abort", 7)], admit=[("r", 0)], chunks=[("r", 0, 0, 10)])
+        assert _broadcast_plan(plan, True) == plan
 
 
 # ---- kernels -----------------------------------------------------------------------------------
