@@ -4,11 +4,13 @@ from .api import load_model
 from .checkpoint import convert, save_checkpoint, write_random_checkpoint
 from .errors import CheckpointError
 from .config import GptOssConfig, load_config, preset
+from .engine import Engine, RequestOutput, SamplingParams
 from .generate import GenerationResult, generate, generate_stream
 from .model import GptOss
 from .runtime import Runtime
 from .tokenizer import load_tokenizer
 
-__all__ = ["GptOss", "GptOssConfig", "CheckpointError", "GenerationResult", "convert", "generate",
+__all__ = ["GptOss", "GptOssConfig", "CheckpointError", "Engine", "GenerationResult", "RequestOutput", "SamplingParams",
+           "convert", "generate",
            "generate_stream", "load_config", "load_model", "load_tokenizer", "preset", "Runtime", "save_checkpoint",
            "write_random_checkpoint"]

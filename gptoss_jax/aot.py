@@ -178,10 +178,12 @@ def decode_bytes_per_step(cfg, model, cache, mesh, batch: int, context: int) -> 
 
 def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = None,
          mesh_shape: dict[str, int] | None = None, batch: int = 1, max_len: int = 8192,
-         prefill_chunk: int = 512, programs=("prefill", "decode"), kernels: str = "xla") -> dict:
+         prefill_chunk: int = 512, programs=("prefill", "decode"), kernels: str = "xla",
+         max_seqs: int | None = None) -> dict:
     """Compile prefill (one chunk of `prefill_chunk` tokens into a cache of `max_len`) and decode (one
     token per row) for the target; return the per-device memory plan and the decode roofline bound.
-    `kernels="pallas"` compiles the Pallas MXFP4 and attention kernels (experts in kernel layout)."""
+    `kernels="pallas"` compiles the Pallas MXFP4 and attention kernels (experts in kernel layout).
+    `max_seqs`: also compile the serving engine's decode step over that many slots ("engine_decode")."""
     _setup_env()
     from . import sharding as shd
 
@@ -202,8 +204,12 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
     t0 = time.perf_counter()
     mesh = shd.make_mesh(**mesh_shape, devices=topology_devices(target, n))
     out = dict(target=target_name, model=model)
+    if max_seqs is not None and (isinstance(max_seqs, bool) or not isinstance(max_seqs, int) or max_seqs < 1):
+        raise ValueError(f"max_seqs must be a positive integer, got {max_seqs!r}")
+    if max_seqs is not None and "engine_decode" not in programs:
+        programs = tuple(programs) + ("engine_decode",)
     out.update(plan_for_mesh(cfg, mesh, batch=batch, max_len=max_len, prefill_chunk=prefill_chunk,
-                             programs=programs, kernels=kernels))
+                             programs=programs, kernels=kernels, max_seqs=max_seqs))
     cap = device_memory_bytes(target)
     out.update(device_memory_bytes=cap, fits=bool(out["total_bytes_per_device"] <= cap))
     step = out["decode_bytes_per_step_per_device"]
@@ -214,10 +220,12 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
 
 
 def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chunk: int = 512,
-                  programs=("prefill", "decode"), kernels: str = "xla", rules=None) -> dict:
+                  programs=("prefill", "decode"), kernels: str = "xla", rules=None,
+                  max_seqs: int | None = None) -> dict:
     """Lower and compile prefill / decode for `mesh` (any jax Mesh: topology devices for deviceless
     plans, or real ones); per-program memory, the largest per-device total, and the bytes one
-    decode step reads per device."""
+    decode step reads per device. "engine_decode": the serving engine's step over `max_seqs` slots
+    (default `batch`) of `max_len` positions."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -258,6 +266,10 @@ def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chu
             lowered = decode_step.lower(graphdef, state, cache, sds((batch,), jnp.int32, bspec1),
                                         sds((batch,), jnp.bool_, bspec1), s,
                                         sds((), jnp.int32, jax.sharding.PartitionSpec()))
+        elif prog == "engine_decode":
+            from .engine import lower_decode
+
+            lowered = lower_decode(m, batch if max_seqs is None else max_seqs, max_len)
         else:
             raise ValueError(f"unknown program {prog!r}")
         compiled = lowered.compile()
@@ -277,9 +289,9 @@ def format_plan(p: dict) -> str:
     lines = [f"gpt-oss plan: {p['model']} ({p.get('kernels', 'xla')} kernels) on {p['devices']} x {p['target']} "
              f"({p['device_kind']}), mesh {mesh}, "
              f"batch {p['batch']}, max_len {p['max_len']}, prefill chunk {p['prefill_chunk']}",
-             f"{'program':<10}{'arguments':>14}{'temp':>14}{'output-alias':>16}{'total':>14}{'compile':>10}"]
+             f"{'program':<14}{'arguments':>14}{'temp':>14}{'output-alias':>16}{'total':>14}{'compile':>10}"]
     for name, q in p["programs"].items():
-        lines.append(f"{name:<10}{g(q['argument_bytes']):>14}{g(q['temp_bytes']):>14}"
+        lines.append(f"{name:<14}{g(q['argument_bytes']):>14}{g(q['temp_bytes']):>14}"
                      f"{g(q['output_bytes'] - q['alias_bytes']):>16}{g(q['total_bytes_per_device']):>14}"
                      f"{q['compile_seconds']:>9.1f}s")
     lines.append(f"per device: arguments (params + KV cache) {g(p['argument_bytes']).strip()}, temp "
@@ -298,7 +310,8 @@ def main_args(args) -> int:
 
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
     p = plan(args.target, args.model, devices=args.devices, mesh_shape=mesh_shape, batch=args.batch,
-             max_len=args.max_len, prefill_chunk=args.prefill_chunk, kernels=args.kernels)
+             max_len=args.max_len, prefill_chunk=args.prefill_chunk, kernels=args.kernels,
+             max_seqs=args.max_seqs)
     print(format_plan(p))
     if args.json:
         keys = ("argument_bytes", "temp_bytes", "total_bytes_per_device", "device_memory_bytes", "fits")
@@ -319,6 +332,8 @@ def add_parser(sub):
     a.add_argument("--prefill-chunk", type=int, default=512)
     a.add_argument("--kernels", choices=["xla", "pallas"], default="xla",
                    help="MoE / attention implementation to compile (pallas: the MXFP4 and banded-attention kernels)")
+    a.add_argument("--max-seqs", type=int, default=None,
+                   help="also compile the serving engine's decode step over this many slots (gptoss_jax.Engine)")
     a.add_argument("--json", action="store_true", help="last line: one JSON object")
     a.set_defaults(fn=main_args)
     return a

@@ -1,0 +1,209 @@
+"""Serving engine vs one request at a time: output tokens/s, time to first token, inter-token latency,
+slot occupancy, for a fixed random mix of requests arriving at once and as a Poisson stream.
+
+    python benchmarks/bench_engine.py [--requests 64] [--max-seqs 16] [--prefill-chunk 512] [--json]
+
+The mix: prompt lengths uniform in 16..1024, max_tokens uniform in 16..256 (seed 0), sampling settings
+mixed (greedy, temperature 0.7 / top-p 0.9, temperature 1.0), no stop token (a random checkpoint: every
+request runs to max_tokens). The baseline runs `generate()` on each request alone, in arrival order
+(a single server: its TTFT includes waiting for the requests before it, and generate() returns all
+tokens at once, so its first token arrives when the call returns). The Poisson stream arrives at
+`--load` times the engine's burst throughput (requests/s); the baseline replays the same arrivals on
+its measured durations. Compiles are excluded (warm-up on every shape). Measured on whatever JAX
+device is present: on CPU, label the figures as CPU figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def bench_config():
+    """A small gpt-oss (4 layers, d=256, 16 experts, vocab 32000): CPU-sized, the real layer mix."""
+    from gptoss_jax.config import FULL, SLIDING, preset
+
+    return preset("gpt-oss-20b").replace(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=32, num_local_experts=16, num_experts_per_tok=4, sliding_window=128,
+        layer_types=(SLIDING, FULL, SLIDING, FULL), vocab_size=32000, pad_token_id=None, eos_token_id=None)
+
+
+SETTINGS = [dict(temperature=0.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.0)]
+
+
+def request_mix(n: int, vocab: int, max_prompt: int, max_new: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(n):
+        L = int(rng.integers(16, max_prompt + 1))
+        m = int(rng.integers(16, max_new + 1))
+        reqs.append(dict(prompt=rng.integers(0, vocab, L).astype(int).tolist(), max_tokens=m, seed=i,
+                         **SETTINGS[i % len(SETTINGS)]))
+    return reqs
+
+
+def params_of(r):
+    from gptoss_jax import SamplingParams
+
+    return SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], top_p=r.get("top_p", 1.0),
+                          seed=r["seed"], stop_token_ids=())
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs, np.float64), q)) if len(xs) else float("nan")
+
+
+def run_engine(eng, reqs, arrivals, tag: str):
+    """Serve `reqs` arriving at `arrivals` (seconds from the start); per-token report times."""
+    order = np.argsort(arrivals, kind="stable")
+    t0 = time.perf_counter()
+    times = {i: [] for i in range(len(reqs))}
+    nxt, steps0 = 0, dict(eng.stats)
+    while nxt < len(reqs) or eng.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while nxt < len(reqs) and arrivals[order[nxt]] <= now:
+            i = int(order[nxt])
+            eng.add_request(reqs[i]["prompt"], params_of(reqs[i]), request_id=f"{tag}{i}")
+            nxt += 1
+        if not eng.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[order[nxt]] - now))
+            continue
+        outs = eng.step()
+        t = time.perf_counter() - t0
+        for o in outs:
+            times[int(o.request_id[len(tag):])] += [t] * len(o.new_token_ids)
+    wall = time.perf_counter() - t0
+    stats = {k: eng.stats[k] - steps0.get(k, 0) for k in eng.stats}
+    return summarize(reqs, arrivals, times, wall, occupancy=stats["decode_tokens"] / max(1, stats["decode_steps"])
+                     / eng.max_seqs, steps=stats["steps"])
+
+
+def summarize(reqs, arrivals, times, wall, **extra):
+    tokens = sum(len(t) for t in times.values())
+    assert tokens == sum(r["max_tokens"] for r in reqs), "every request runs to max_tokens"
+    ttft = [times[i][0] - arrivals[i] for i in times]
+    itl = [b - a for t in times.values() for a, b in zip(t, t[1:])]
+    return dict(output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall, ttft_p50=pct(ttft, 50),
+                ttft_p99=pct(ttft, 99), itl_p50=pct(itl, 50), itl_p99=pct(itl, 99), **extra)
+
+
+def run_one_at_a_time(model, reqs, chunk):
+    """generate() per request, alone: (durations, all tokens)."""
+    from gptoss_jax import generate
+
+    durations, outs = [], []
+    for r in reqs:
+        t = time.perf_counter()
+        g = generate(model, [r["prompt"]], max_new_tokens=r["max_tokens"], temperature=r["temperature"],
+                     top_p=r.get("top_p", 1.0), seed=r["seed"], stop_tokens=(), prefill_chunk=chunk)
+        outs.append(g.tokens[0].tolist())
+        durations.append(time.perf_counter() - t)
+    return durations, outs
+
+
+def replay_baseline(reqs, arrivals, durations):
+    """A single FIFO server on the measured generate() durations; every token of a request arrives
+    when its call returns (ITL: the call's decode time spread over its tokens)."""
+    free, times = 0.0, {}
+    for i in np.argsort(arrivals, kind="stable"):
+        start = max(free, arrivals[i])
+        free = start + durations[i]
+        times[int(i)] = [free] * reqs[i]["max_tokens"]
+    res = summarize(reqs, arrivals, times, free - min(arrivals))
+    per_token = [durations[i] / reqs[i]["max_tokens"] for i in range(len(reqs))]
+    res.update(itl_p50=pct(per_token, 50), itl_p99=pct(per_token, 99), occupancy=float("nan"), steps=0)
+    return res
+
+
+def warm_up(model, eng, reqs, chunk):
+    """Every compiled shape once: the engine's prefill buckets / chunk variants and decode step, and
+    generate()'s (prompt bucket, cache bucket, decode bucket) combinations of this mix."""
+    from gptoss_jax.generate import MIN_BUCKET, _next_pow2, decode_bucket
+
+    lens = sorted({min(max(MIN_BUCKET, _next_pow2(len(r["prompt"]))), chunk) for r in reqs}) + [chunk + 1, 2 * chunk + 1]
+    for i, n in enumerate(n for n in lens if n + 2 <= eng.max_len):
+        eng.add_request([1] * n, params_of(dict(max_tokens=2, temperature=0.7, top_p=0.9, seed=0)), request_id=f"w{i}")
+    while eng.has_unfinished_requests():
+        eng.step()
+    seen = set()
+    cfg = model.config
+    for r in reqs:
+        L, m = len(r["prompt"]), r["max_tokens"]
+        T = min(max(MIN_BUCKET, _next_pow2(L)), chunk)
+        key = (T, -(-L // T) > 1, min(max(_next_pow2(L + decode_bucket(m)), 64), cfg.max_position_embeddings),
+               decode_bucket(m))
+        if key not in seen:  # the shortest max_tokens of the same decode bucket compiles the same
+            seen.add(key)
+            b = decode_bucket(m)
+            run_one_at_a_time(model, [dict(r, max_tokens=1 if b == MIN_BUCKET else b // 2 + 1)], chunk)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--max-seqs", type=int, default=16)
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--load", type=float, default=0.8, help="Poisson rate as a fraction of the burst throughput")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import jax
+
+    from gptoss_jax import Engine, load_model, write_random_checkpoint
+
+    cfg = bench_config()
+    path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    write_random_checkpoint(cfg, path, progress=False)
+    model = load_model(path, dtype=args.dtype, kernels="auto", progress=False)
+    reqs = request_mix(args.requests, cfg.vocab_size, args.max_prompt, args.max_new)
+    max_len = args.max_prompt + args.max_new
+    eng = Engine(model, max_seqs=args.max_seqs, max_len=max_len, prefill_chunk=args.prefill_chunk)
+    t = time.perf_counter()
+    warm_up(model, eng, reqs, args.prefill_chunk)
+    warm_s = time.perf_counter() - t
+
+    burst = np.zeros(len(reqs))
+    engine_burst = run_engine(eng, reqs, burst, "burst")
+    rate = args.load * len(reqs) / engine_burst["wall_s"]  # requests/s
+    arrivals = np.cumsum(np.random.default_rng(1).exponential(1 / rate, len(reqs)))
+    arrivals -= arrivals[0]
+    engine_poisson = run_engine(eng, reqs, arrivals, "poisson")
+    durations, _ = run_one_at_a_time(model, reqs, args.prefill_chunk)
+    base_burst = replay_baseline(reqs, burst, durations)
+    base_poisson = replay_baseline(reqs, arrivals, durations)
+
+    dev = jax.devices()[0]
+    label = "CPU figures" if dev.platform == "cpu" else f"{dev.device_kind}"
+    print(f"device: {dev.platform} ({label}); model: 4 layers, d=256, 16 experts top-4, vocab 32000, {args.dtype}, "
+          f"kernels {model.kernels}; {len(reqs)} requests, prompts 16..{args.max_prompt}, max_tokens 16..{args.max_new}; "
+          f"engine max_seqs {args.max_seqs}, prefill_chunk {args.prefill_chunk}; warm-up (compiles) {warm_s:.0f} s")
+    head = f"{'arrivals':<10}{'server':<22}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}" \
+           f"{'ITL p99':>10}{'occupancy':>10}"
+    print(head)
+    rows = [("burst", "engine", engine_burst), ("burst", "generate, one at a time", base_burst),
+            (f"Poisson {rate:.2f}/s", "engine", engine_poisson),
+            (f"Poisson {rate:.2f}/s", "generate, one at a time", base_poisson)]
+    for arr, name, r in rows:
+        occ = "" if np.isnan(r["occupancy"]) else f"{r['occupancy']:.0%}"
+        print(f"{arr:<10}{name:<22}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>9.2f}s{r['ttft_p99']:>9.2f}s"
+              f"{r['itl_p50'] * 1e3:>8.1f}ms{r['itl_p99'] * 1e3:>8.1f}ms{occ:>10}")
+    ratio = engine_burst["tokens_per_s"] / base_burst["tokens_per_s"]
+    print(f"throughput ratio (engine / one at a time), burst: {ratio:.2f}x; Poisson: "
+          f"{engine_poisson['tokens_per_s'] / base_poisson['tokens_per_s']:.2f}x ({label})")
+    if args.json:
+        print(json.dumps(dict(device=dev.platform, label=label, rate=rate, ratio_burst=ratio,
+                              engine_burst=engine_burst, engine_poisson=engine_poisson, baseline_burst=base_burst,
+                              baseline_poisson=base_poisson)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,727 @@
+"""Serving engine: continuous batching over fixed decode slots, per-request sampling (vLLM's shape).
+
+    eng = Engine(model, max_seqs=16, max_len=8192, prefill_chunk=512)
+    rid = eng.add_request(prompt_ids, SamplingParams(max_tokens=256, temperature=0.7, seed=1))
+    while eng.has_unfinished_requests():
+        for out in eng.step():          # RequestOutput(request_id, new_token_ids, finished, ...)
+            ...
+
+Each `step()` frees the slots of aborted requests, admits waiting requests into free slots (FIFO),
+runs at most `prefill_chunk` prompt tokens of chunked prefill (each chunk a [1, T] batch against its
+slot's cache row, T a power-of-two bucket), then one decode step over all `max_seqs` slots (one
+shape; slots that are not decoding write nothing). Sampling parameters, seeds, stop tokens and
+lengths are traced per-slot arrays (`SlotState`), so nothing a request sets compiles.
+
+RNG rule: request key = fold_in(key(seed), 0), its i-th token drawn with fold_in(request key, i):
+`generate()` of that prompt alone with the same seed draws the same (its row 0 key is the same),
+and no other request changes it. With temperature 0 the tokens are `generate()`'s.
+
+Overlap (`overlap=True`): `step()` dispatches step n, then fetches and reports the tokens of step
+n - 1 (already computed, or computing while the host works): the only device -> host transfer is
+the sampled ids (and their logprobs). Stops and lengths are decided on the device too, so the
+one-step lag costs no extra token, only a finished slot's reuse one step later.
+
+Several processes: process 0 owns the queue (`add_request` / `abort_request` there only). Each step
+it decides (new requests, aborts, admissions, prefill chunks) and broadcasts the decision
+(`multihost_utils.broadcast_one_to_all`); every process executes the same decision, so all run the
+same device programs. Call `step()` and `has_unfinished_requests()` on every process in lockstep.
+
+The KV cache lives behind `SlotCache` (init, prefill into a slot, decode all slots): a paged cache
+replaces that class only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .generate import MIN_BUCKET, STOP_SLOTS, _next_pow2
+from .model import GptOss, KVCache
+from .sampling import sample_rows, token_logprobs, validate_sampling
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature / top_p None: the checkpoint's generation defaults; top_k None
+    and top_p 1 turn the filters off; temperature 0 is greedy. stop_token_ids None: the checkpoint's
+    stop tokens (() for none). logprobs: report the log-softmax of the raw logits at each token."""
+
+    max_tokens: int = 16
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    stop_token_ids: Sequence[int] | None = None
+    logprobs: bool = False
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: Any
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    logprobs: list[float] | None = None  # one per new token when the request asked for them
+
+
+# ---------------------------------------------------------------------------------------------
+# Device side: per-slot state, the slot cache, the jitted programs
+# ---------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class SlotState:
+    """Everything the decode step needs per slot, traced (changing a value never compiles)."""
+
+    tok: jax.Array  # [B] int32, the last token (the next decode step's input)
+    n_gen: jax.Array  # [B] int32, tokens generated so far (the index of the next draw)
+    max_tokens: jax.Array  # [B] int32
+    live: jax.Array  # [B] bool, decoding (false: free, prefilling, finished)
+    temperature: jax.Array  # [B] float32 (0 on slots that are not live: a greedy batch skips the filters)
+    top_p: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32 (0: off)
+    key_data: jax.Array  # [B, 2] uint32, the request keys (fold_in(key(seed), 0))
+    stop: jax.Array  # [B, S] int32, padded with -1
+
+    @classmethod
+    def zeros(cls, batch: int, n_stop: int, key_shape) -> dict:
+        """Host (numpy) fields of an all-free state."""
+        return dict(tok=np.zeros(batch, np.int32), n_gen=np.zeros(batch, np.int32),
+                    max_tokens=np.zeros(batch, np.int32), live=np.zeros(batch, bool),
+                    temperature=np.zeros(batch, np.float32), top_p=np.ones(batch, np.float32),
+                    top_k=np.zeros(batch, np.int32), key_data=np.zeros((batch,) + key_shape, np.uint32),
+                    stop=np.full((batch, n_stop), -1, np.int32))
+
+
+@flax.struct.dataclass
+class RequestArrays:
+    """One request's sampling values ([1] each, [1, 2] key, [1, S] stops) for its first token."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    seed_key: jax.Array  # [1, 2] uint32, key_data(key(seed))
+    stop: jax.Array
+    max_tokens: jax.Array
+
+
+def _set(a, slot, value):
+    return a.at[slot].set(value.astype(a.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotCache:
+    """The contiguous per-slot KV cache (`KVCache` with `max_seqs` rows): full-attention layers
+    `max_len` positions, sliding layers their ring of `window` slots.
+
+    The engine only calls `init`, `prefill` (one chunk of one slot's prompt) and `decode` (one token
+    per slot), and `release` when a slot frees: a paged cache implements the same four. Prefill
+    gathers the slot's row, runs `forward_cached` on a [1, T] batch and writes the row back (the cache
+    is donated: in place); on a mesh with slots over `data` the row moves with a psum over `data`
+    from its owner, never the whole cache. A slot whose first chunk comes starts at length 0:
+    `KVCache.slot_positions` sees its old entries as empty, so nothing is cleared."""
+
+    max_seqs: int
+    max_len: int
+
+    def init(self, model: GptOss) -> KVCache:
+        """An empty cache placed as `runtime.cache_specs` says (slots over `data`)."""
+        return _cache_initializer(model.config, model.dtype, model.runtime, self.max_seqs, self.max_len)()
+
+    def release(self, slot: int) -> None:
+        """A slot freed: nothing to do for contiguous rows (its next first chunk resets its length)."""
+
+    def prefill(self, model: GptOss, cache: KVCache, slot, ids_1T, n_new_1, *, first: bool):
+        """(logits [1, V] at the chunk's last valid token, cache) after writing the chunk into `slot`."""
+        row = self._get_row(model, cache, slot)
+        if first:
+            row = row.replace(lengths=jnp.zeros_like(row.lengths))
+        logits, row = model.forward_cached(ids_1T, row, n_new_1, cache_empty=first, logits_at_B=n_new_1 - 1)
+        return logits, self._set_row(model, cache, row, slot)
+
+    def decode(self, model: GptOss, cache: KVCache, tok_B, n_new_B):
+        """(logits [B, V], cache): one token per slot; slots with n_new 0 write nothing."""
+        return model.forward_cached(tok_B[:, None], cache, n_new_B, logits_at_B=jnp.zeros_like(n_new_B))
+
+    # ---- one row in and out ----------------------------------------------------------------------
+    def _data_axis(self, model: GptOss):
+        spec = model.runtime.spec(("batch",), (self.max_seqs,))
+        return spec[0] if len(spec) else None
+
+    def _row_specs(self, model, cache):
+        """(compute mesh, the slots' mesh axis, cache specs, specs of one row) on a mesh."""
+        specs = model.runtime.cache_specs(cache)
+        return (model.runtime.compute_mesh, self._data_axis(model), specs,
+                jax.tree.map(lambda s: P(None, *s[1:]), specs))
+
+    def _get_row(self, model, cache, slot):
+        if self._data_axis(model) is None:
+            return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
+        mesh, axis, specs, row_specs = self._row_specs(model, cache)
+
+        def local(c, slot):  # the owner contributes its row, the others zeros
+            i, own = _local_index(c.lengths.shape[0], slot, axis)
+
+            def get(a):
+                r = jax.lax.dynamic_slice_in_dim(a, i, 1, 0)
+                return jax.lax.psum(jnp.where(own, r, jnp.zeros_like(r)), axis)
+            return jax.tree.map(get, c)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, P()), out_specs=row_specs, check_vma=False)(cache, slot)
+
+    def _set_row(self, model, cache, row, slot):
+        if self._data_axis(model) is None:
+            return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0), cache, row)
+        mesh, axis, specs, row_specs = self._row_specs(model, cache)
+
+        def local(c, r, slot):  # only the owner changes its row
+            i, own = _local_index(c.lengths.shape[0], slot, axis)
+
+            def put(a, x):
+                old = jax.lax.dynamic_slice_in_dim(a, i, 1, 0)
+                return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(own, x, old), i, 0)
+            return jax.tree.map(put, c, r)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, row_specs, P()), out_specs=specs,
+                             check_vma=False)(cache, row, slot)
+
+
+@functools.lru_cache(maxsize=16)
+def _cache_initializer(cfg, dtype, runtime, batch: int, max_len: int):
+    """One jitted initializer per (config, dtype, runtime, shape): a new engine compiles nothing."""
+    make = lambda: KVCache.init(cfg, batch, max_len, dtype)  # noqa: E731
+    out = None
+    if runtime.mesh is not None:
+        out = jax.tree.map(lambda s: NamedSharding(runtime.mesh, s), runtime.cache_specs(jax.eval_shape(make)))
+    return jax.jit(make, out_shardings=out)
+
+
+def _local_index(n_local: int, slot, axis):
+    """(row index in this shard, clipped, and whether this shard owns `slot`)."""
+    i = slot - jax.lax.axis_index(axis) * n_local
+    return jnp.clip(i, 0, n_local - 1), (i >= 0) & (i < n_local)
+
+
+def _replicate(model: GptOss, x):
+    """x replicated on every device of the mesh (inside jit): what the host reads back."""
+    cm = model.runtime.compute_mesh
+    return x if cm is None else jax.lax.with_sharding_constraint(x, NamedSharding(cm, P()))
+
+
+def _slot_specs(model: GptOss, slots):
+    return jax.tree.map(lambda a: model.runtime.spec(("batch",) + (None,) * (a.ndim - 1), a.shape), slots)
+
+
+def _sample_first(logits_1V, req: RequestArrays):
+    """Token 0 of a request: drawn with fold_in(request key, 0), request key = fold_in(key(seed), 0)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(req.seed_key[0]), 0)
+    draw = jax.random.fold_in(key, 0)[None]
+    tok = sample_rows(logits_1V, draw, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+    return tok, token_logprobs(logits_1V, tok), jax.random.key_data(key)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "first", "finish"), donate_argnames=("cache", "slots"))
+def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_1, req: RequestArrays, *,
+                  kv: SlotCache, first: bool, finish: bool):
+    """One prompt chunk into `slot`; the last chunk (`finish`) also samples the request's first token
+    and makes the slot live. Returns (cache, slots, (token [1], logprob [1]) replicated)."""
+    model = nnx.merge(graphdef, state)
+
+    def body(model, cache, slots, slot, ids_1T, n_new_1, req):
+        logits, cache = kv.prefill(model, cache, slot, ids_1T, n_new_1, first=first)
+        if not finish:
+            z = jnp.zeros((1,), jnp.int32)
+            return cache, slots, (z, z.astype(jnp.float32))
+        tok, lp, key_data = _sample_first(logits, req)
+        live = ~jnp.isin(tok[0], req.stop[0]) & (req.max_tokens[0] > 1)
+        slots = slots.replace(
+            tok=_set(slots.tok, slot, tok[0]), n_gen=_set(slots.n_gen, slot, jnp.int32(1)),
+            max_tokens=_set(slots.max_tokens, slot, req.max_tokens[0]), live=_set(slots.live, slot, live),
+            temperature=_set(slots.temperature, slot, jnp.where(live, req.temperature[0], 0.0)),
+            top_p=_set(slots.top_p, slot, req.top_p[0]), top_k=_set(slots.top_k, slot, req.top_k[0]),
+            key_data=_set(slots.key_data, slot, key_data), stop=_set(slots.stop, slot, req.stop[0]))
+        return cache, slots, (_replicate(model, tok), _replicate(model, lp))
+
+    specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(), P()))
+    return model.within_runtime(body, specs, cache, slots, slot, ids_1T, n_new_1, req)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv"), donate_argnames=("cache", "slots"))
+def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache):
+    """One token for every live slot (one shape: [max_seqs]). Returns (cache, slots, (tokens [B],
+    emitted [B] (the slot was live), logprobs [B]) replicated); stops and lengths end slots here."""
+    model = nnx.merge(graphdef, state)
+
+    def body(model, cache, slots):
+        live = slots.live
+        logits, cache = kv.decode(model, cache, slots.tok, live.astype(jnp.int32))
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(slots.key_data), slots.n_gen)
+        tok = sample_rows(logits, keys, temperature=slots.temperature, top_p=slots.top_p, top_k=slots.top_k)
+        lp = token_logprobs(logits, tok)
+        n_gen = slots.n_gen + live.astype(jnp.int32)
+        still = live & ~jnp.any(tok[:, None] == slots.stop, axis=1) & (n_gen < slots.max_tokens)
+        slots = slots.replace(tok=jnp.where(live, tok, slots.tok), n_gen=n_gen, live=still,
+                              temperature=jnp.where(still, slots.temperature, 0.0))
+        return cache, slots, tuple(_replicate(model, x) for x in (tok, live, lp))
+
+    specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(), P(), P()))
+    return model.within_runtime(body, specs, cache, slots)
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _deactivate(slots: SlotState, slot):
+    return slots.replace(live=slots.live.at[slot].set(False), temperature=slots.temperature.at[slot].set(0.0))
+
+
+def lower_decode(model: GptOss, max_seqs: int, max_len: int):
+    """`decode_slots` lowered from abstract shapes (the model may be abstract, its parameters
+    ShapeDtypeStructs with shardings): what `gptoss-jax aot --max-seqs` compiles for a target."""
+    rt, kv = model.runtime, SlotCache(max_seqs, max_len)
+    cache = jax.eval_shape(lambda: KVCache.init(model.config, max_seqs, max_len, model.dtype))
+    key_shape = tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+    slots = jax.eval_shape(lambda: SlotState(**SlotState.zeros(max_seqs, STOP_SLOTS, key_shape)))
+    if rt.mesh is not None:
+        place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(rt.mesh, s))  # noqa: E731
+        cache = jax.tree.map(place, cache, rt.cache_specs(cache))
+        slots = jax.tree.map(place, slots, _slot_specs(model, slots))
+    graphdef, state = nnx.split(model)
+    return decode_slots.lower(graphdef, state, cache, slots, kv=kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: requests, scheduling, the step loop
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Request:
+    rid: Any
+    prompt: np.ndarray  # [L] int32
+    p: dict  # resolved sampling values (JSON-able: what process 0 broadcasts)
+    seq: int  # arrival order
+    state: str = "waiting"  # waiting | prefill | decode
+    slot: int | None = None
+    cursor: int = 0  # prompt tokens already prefilled
+    n_out: int = 0
+
+    @property
+    def chunk(self) -> int:
+        return self.p["chunk"]
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """What one step put on the device, to read back: first tokens of finished prefills, then the
+    decode step's tokens for the slots that were decoding (rid per slot at dispatch)."""
+
+    firsts: list = dataclasses.field(default_factory=list)  # (rid, tok [1], lp [1])
+    decode: tuple | None = None  # (tok [B], emitted [B], lp [B])
+    decode_rids: tuple = ()
+
+
+class Engine:
+    """Continuous batching over `max_seqs` fixed slots (see the module docstring).
+
+    max_len: positions per slot (prompt + max_tokens <= max_len); prefill_chunk: prompt tokens per
+    step at most (chunks are power-of-two buckets up to it, as `generate`'s); max_stop_tokens: the
+    per-slot stop list width (one compile for any list up to it); overlap: report step n - 1's tokens
+    while step n runs (False: each step waits for its own tokens)."""
+
+    def __init__(self, model: GptOss, max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, *,
+                 max_stop_tokens: int | None = None, overlap: bool = True):
+        cfg = model.config
+        for name, v in (("max_seqs", max_seqs), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds the model's context of {cfg.max_position_embeddings} tokens")
+        self.model = model
+        self.max_seqs, self.max_len = int(max_seqs), int(max_len)
+        self.prefill_chunk = max(MIN_BUCKET, int(prefill_chunk))
+        defaults = model.generation_defaults
+        n_stop = max(STOP_SLOTS, len(defaults.stop_tokens)) if max_stop_tokens is None else int(max_stop_tokens)
+        self.max_stop_tokens = -(-n_stop // STOP_SLOTS) * STOP_SLOTS
+        self.overlap = bool(overlap)
+        self.kv = SlotCache(self.max_seqs, self.max_len)
+        self._graphdef, self._state = nnx.split(model)
+        self._key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
+        self._host_keys = _host_seed_keys_match()
+        self._multi = jax.process_count() > 1
+        self._source = jax.process_index() == 0
+        self._reset_device()
+        self._requests: dict[Any, _Request] = {}  # unfinished, by id
+        self._waiting: collections.deque = collections.deque()  # rids, FIFO
+        self._slots: list = [None] * self.max_seqs  # rid per slot
+        self._inbox: list = []  # ("add", rid, prompt, p) / ("abort", rid) since the last step
+        self._outbox: list[RequestOutput] = []  # aborts to report
+        self._to_release: list[int] = []  # slots to deactivate on the device
+        self._pending: list[_Dispatched] = []
+        self._next_id = 0
+        self._seq = 0
+        self.stats = collections.Counter()  # steps, decode_steps, decode_tokens, prefill_tokens, output_tokens
+
+    # ---- public API ----------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids, params: SamplingParams | None = None, request_id=None):
+        """Queue a request; returns its id. Bad input raises ValueError here (nothing is queued)."""
+        if not self._source:
+            raise RuntimeError("add requests on process 0: it owns the queue and broadcasts it")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = self._check_prompt(prompt_token_ids)
+        p = self._resolve(params, len(prompt))
+        if request_id is None:
+            while self._in_use(self._next_id):
+                self._next_id += 1
+            request_id = self._next_id
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+            raise ValueError(f"request_id must be a str or an int, got {request_id!r}")
+        if self._in_use(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
+        self._inbox.append(("add", request_id, prompt.tolist(), p))
+        return request_id
+
+    def abort_request(self, request_id) -> None:
+        """Abort a waiting or running request: its slot frees at the next step (before admissions),
+        which reports it finished with reason "abort". Finished or unknown ids are ignored (as vLLM)."""
+        if not self._source:
+            raise RuntimeError("abort requests on process 0: it owns the queue and broadcasts it")
+        if self._in_use(request_id):
+            self._inbox.append(("abort", request_id))
+
+    def _in_use(self, rid) -> bool:
+        return rid in self._requests or any(e[0] == "add" and e[1] == rid for e in self._inbox)
+
+    def has_unfinished_requests(self) -> bool:
+        """Anything queued, running or not yet reported (on several processes: process 0's answer,
+        broadcast, so call it on every process)."""
+        busy = bool(self._inbox or self._requests or self._pending or self._outbox)
+        if self._multi:
+            busy = bool(_broadcast(np.array([busy], np.int32), self._source)[0])
+        return busy
+
+    def num_free_slots(self) -> int:
+        return sum(s is None for s in self._slots)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, prefill (<= prefill_chunk prompt tokens), decode every live slot; returns the
+        outputs reported this step (one per request with news)."""
+        self.stats["steps"] += 1
+        if self._source:
+            journal, self._inbox = self._inbox, []
+            self._apply(journal)
+            plan = dict(journal=journal, **self._schedule())
+        else:
+            plan = None
+        if self._multi:
+            plan = _broadcast_plan(plan, self._source)
+            if not self._source:
+                self._apply(plan["journal"])
+        return self._execute(plan)
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _check_prompt(self, prompt) -> np.ndarray:
+        """Host-only checks (no device work, so nothing compiles per prompt length)."""
+        arr = np.asarray(prompt)
+        if arr.ndim != 1:
+            raise ValueError(f"a prompt is one list of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError("the prompt is empty: a request needs at least one token")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got {arr.dtype}")
+        V = self.model.config.vocab_size
+        bad = np.flatnonzero((arr < 0) | (arr >= V))
+        if bad.size:
+            raise ValueError(f"token id {int(arr[bad[0]])} at {int(bad[0])} is out of range [0, {V})")
+        return arr.astype(np.int32)
+
+    def _resolve(self, sp: SamplingParams, n_prompt: int) -> dict:
+        d = self.model.generation_defaults
+        if not isinstance(sp.max_tokens, (int, np.integer)) or isinstance(sp.max_tokens, bool) or sp.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {sp.max_tokens!r}")
+        if n_prompt + sp.max_tokens > self.max_len:
+            raise ValueError(f"prompt of {n_prompt} tokens + max_tokens {sp.max_tokens} exceeds the engine's "
+                             f"max_len of {self.max_len}")
+        temperature = d.temperature if sp.temperature is None else sp.temperature
+        top_p = d.top_p if sp.top_p is None else sp.top_p
+        validate_sampling(temperature, top_p, sp.top_k)
+        if not isinstance(sp.seed, (int, np.integer)) or isinstance(sp.seed, bool):
+            raise ValueError(f"seed must be an integer, got {sp.seed!r}")
+        stops = np.asarray(d.stop_tokens if sp.stop_token_ids is None else sp.stop_token_ids).reshape(-1)
+        if stops.size and stops.dtype.kind not in "iu":
+            raise ValueError(f"stop_token_ids must be integers, got {sp.stop_token_ids!r}")
+        stops = [int(t) for t in stops]
+        V = self.model.config.vocab_size
+        if any(t < 0 or t >= V for t in stops):
+            raise ValueError(f"stop token ids must be in [0, {V}), got {list(stops)}")
+        if len(stops) > self.max_stop_tokens:
+            raise ValueError(f"{len(stops)} stop tokens: at most {self.max_stop_tokens} (Engine(max_stop_tokens=))")
+        chunk = min(max(MIN_BUCKET, _next_pow2(n_prompt)), self.prefill_chunk)  # generate's chunking
+        return dict(max_tokens=int(sp.max_tokens), temperature=float(temperature), top_p=float(top_p),
+                    top_k=0 if sp.top_k is None else min(int(sp.top_k), V), seed=int(sp.seed), stops=stops,
+                    logprobs=bool(sp.logprobs), chunk=chunk)
+
+    # ---- scheduling (host only, process 0 decides) --------------------------------------------
+    def _apply(self, journal) -> None:
+        """Register new requests and apply aborts (host state only; the device follows in _execute)."""
+        for entry in journal:
+            if entry[0] == "add":
+                _, rid, prompt, p = entry
+                self._requests[rid] = _Request(rid, np.asarray(prompt, np.int32), p, self._seq)
+                self._seq += 1
+                self._waiting.append(rid)
+            else:
+                r = self._requests.get(entry[1])
+                if r is not None:
+                    self._finish(r, "abort")
+                    self._outbox.append(RequestOutput(r.rid, [], True, "abort", [] if r.p["logprobs"] else None))
+
+    def _schedule(self) -> dict:
+        """FIFO admissions into free slots, then prompt chunks within the token budget (FIFO)."""
+        free = [s for s, rid in enumerate(self._slots) if rid is None]
+        admit = [(rid, s) for rid, s in zip(self._waiting, free)]
+        admitted = {rid for rid, _ in admit}
+        prefilling = sorted((r for r in self._requests.values() if r.state == "prefill" or r.rid in admitted),
+                            key=lambda r: r.seq)
+        chunks, budget = [], self.prefill_chunk
+        for r in prefilling:
+            slot = r.slot if r.slot is not None else dict(admit)[r.rid]
+            n = min(r.chunk, len(r.prompt) - r.cursor)
+            if n > budget and chunks:
+                break
+            chunks.append((r.rid, slot, r.cursor, n))
+            budget -= n
+        return dict(admit=admit, chunks=chunks)
+
+    def _finish(self, r: _Request, reason: str) -> None:
+        if r.slot is not None:
+            if self._slots[r.slot] == r.rid:
+                self._slots[r.slot] = None
+                self.kv.release(r.slot)
+            if reason == "abort":
+                self._to_release.append(r.slot)
+        if r.rid in self._waiting:
+            self._waiting.remove(r.rid)
+        del self._requests[r.rid]
+
+    # ---- execution (every process, the same plan) ---------------------------------------------
+    def _execute(self, plan) -> list[RequestOutput]:
+        for slot in self._to_release:  # aborted requests' slots stop decoding before anything else
+            self._slots_state = _deactivate(self._slots_state, self._rep(np.int32(slot)))
+        self._to_release = []
+        for rid, slot in plan["admit"]:
+            r = self._requests[rid]
+            self._waiting.remove(rid)
+            r.state, r.slot = "prefill", slot
+            self._slots[slot] = rid
+        now = _Dispatched()
+        try:
+            for rid, slot, start, n in plan["chunks"]:
+                self._run_chunk(self._requests[rid], start, n, now)
+            decoding = tuple(rid if rid is not None and self._requests[rid].state == "decode" else None
+                             for rid in self._slots)
+            if any(rid is not None for rid in decoding):
+                self._run_decode(decoding, now)
+        finally:
+            dispatched = bool(now.firsts or now.decode)
+            if dispatched:
+                self._pending.append(now)
+        # overlap: report what ran before this step's dispatch; otherwise wait for this step too
+        ready = self._pending[:-1] if self.overlap and dispatched else self._pending
+        self._pending = self._pending[len(ready):]
+        return self._collect(ready)
+
+    def _run_chunk(self, r: _Request, start: int, n: int, now: _Dispatched) -> None:
+        T, finish = r.chunk, start + n == len(r.prompt)
+        ids = np.zeros((1, T), np.int32)
+        ids[0, :n] = r.prompt[start:start + n]
+        req = self._request_arrays(r) if finish else self._dummy_request
+        try:
+            self._cache, self._slots_state, (tok, lp) = self._prefill_call(
+                self._cache, self._slots_state, self._rep(np.int32(r.slot)), self._rep(ids),
+                self._rep(np.array([n], np.int32)), req, first=start == 0, finish=finish)
+        except BaseException:
+            self._fail([r.rid])
+            raise
+        self.stats["prefill_tokens"] += n
+        r.cursor += n
+        if finish:
+            r.state = "decode"
+            now.firsts.append((r.rid, tok, lp))
+
+    def _prefill_call(self, cache, slots, slot, ids, n_new, req, *, first, finish):
+        return prefill_chunk(self._graphdef, self._state, cache, slots, slot, ids, n_new, req, kv=self.kv,
+                             first=first, finish=finish)
+
+    def _run_decode(self, decoding: tuple, now: _Dispatched) -> None:
+        try:
+            self._cache, self._slots_state, out = self._decode_call(self._cache, self._slots_state)
+        except BaseException:
+            self._fail([rid for rid in decoding if rid is not None])
+            raise
+        self.stats["decode_steps"] += 1
+        now.decode, now.decode_rids = out, decoding
+
+    def _decode_call(self, cache, slots):
+        return decode_slots(self._graphdef, self._state, cache, slots, kv=self.kv)
+
+    def _fail(self, rids) -> None:
+        """A dispatch raised: abort the requests whose state it may have left half-written (all of
+        them when the donated buffers are gone), so no slot stays taken."""
+        lost = any(a.is_deleted() for a in jax.tree.leaves((self._cache, self._slots_state)))
+        if lost:
+            rids = [r.rid for r in self._requests.values() if r.state != "waiting"]
+            self._reset_device()
+        for rid in rids:
+            r = self._requests.get(rid)
+            if r is not None:
+                self._finish(r, "abort")
+                self._outbox.append(RequestOutput(rid, [], True, "abort", [] if r.p["logprobs"] else None))
+        if lost:
+            self._to_release = []
+
+    def _collect(self, ready: list[_Dispatched]) -> list[RequestOutput]:
+        """Read the sampled ids back (one transfer) and report them; finished requests free their slot."""
+        outs: dict[Any, RequestOutput] = {o.request_id: o for o in self._outbox}
+        self._outbox = []
+        host = _to_host([([(tok, lp) for _, tok, lp in d.firsts], d.decode) for d in ready])
+        for d, (firsts, dec) in zip(ready, host):
+            for (rid, _, _), (tok, lp) in zip(d.firsts, firsts):
+                self._emit(outs, rid, int(tok[0]), float(lp[0]))
+            if dec is not None:
+                tok, emitted, lp = dec
+                self.stats["decode_tokens"] += int(emitted.sum())
+                for slot, rid in enumerate(d.decode_rids):
+                    if rid is not None and emitted[slot]:
+                        self._emit(outs, rid, int(tok[slot]), float(lp[slot]))
+        return list(outs.values())
+
+    def _emit(self, outs, rid, tok: int, lp: float) -> None:
+        r = self._requests.get(rid)
+        if r is None:  # aborted or failed meanwhile: its in-flight tokens are dropped
+            return
+        o = outs.setdefault(rid, RequestOutput(rid, [], False, None, [] if r.p["logprobs"] else None))
+        o.new_token_ids.append(tok)
+        if o.logprobs is not None:
+            o.logprobs.append(lp)
+        r.n_out += 1
+        self.stats["output_tokens"] += 1
+        reason = "stop" if tok in r.p["stops"] else "length" if r.n_out >= r.p["max_tokens"] else None
+        if reason:
+            o.finished, o.finish_reason = True, reason
+            self._finish(r, reason)
+
+    # ---- device state and host arrays ---------------------------------------------------------
+    def _reset_device(self) -> None:
+        self._cache = self.kv.init(self.model)
+        host = SlotState.zeros(self.max_seqs, self.max_stop_tokens, self._key_shape)
+        self._slots_state = SlotState(**{k: self.model.runtime.place_batch(v) for k, v in host.items()})
+        self._dummy_request = self._request_arrays(None)
+
+    def _rep(self, host):
+        """A host array (the same on every process) as an input of the engine's programs."""
+        rt = self.model.runtime
+        if rt.mesh is None:
+            return jnp.asarray(host)
+        from .sharding import put_global
+        return put_global(np.asarray(host), NamedSharding(rt.mesh, P()))
+
+    def _request_arrays(self, r: _Request | None) -> RequestArrays:
+        p = r.p if r is not None else dict(temperature=0.0, top_p=1.0, top_k=0, seed=0, stops=[], max_tokens=1)
+        stop = np.full((1, self.max_stop_tokens), -1, np.int32)
+        stop[0, :len(p["stops"])] = p["stops"]
+        key = _seed_key(p["seed"], self._host_keys)
+        return RequestArrays(temperature=self._rep(np.array([p["temperature"]], np.float32)),
+                             top_p=self._rep(np.array([p["top_p"]], np.float32)),
+                             top_k=self._rep(np.array([p["top_k"]], np.int32)),
+                             seed_key=self._rep(key[None]), stop=self._rep(stop),
+                             max_tokens=self._rep(np.array([p["max_tokens"]], np.int32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: seeds, host transfers, the multi-process broadcast
+# ---------------------------------------------------------------------------------------------
+def _host_seed_keys_match() -> bool:
+    """Whether key_data(key(seed)) is [seed >> 32 (x64) or 0, seed & 0xffffffff] (threefry), so the
+    host builds request keys without a device round trip; otherwise they are computed by JAX."""
+    seeds = (0, 1, 12345, 2 ** 32 - 1, 2 ** 33 + 7, -3)
+    return all(np.array_equal(np.asarray(jax.random.key_data(jax.random.key(s))), _threefry_seed(s)) for s in seeds)
+
+
+def _threefry_seed(seed: int) -> np.ndarray:
+    hi = (seed >> 32) & 0xFFFFFFFF if jax.config.jax_enable_x64 else 0
+    return np.array([hi, seed & 0xFFFFFFFF], np.uint32)
+
+
+def _seed_key(seed: int, on_host: bool) -> np.ndarray:
+    return _threefry_seed(seed) if on_host else np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+def _host_value(x):
+    if x is None:
+        return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))  # replicated: every process holds all of it
+    return np.asarray(x)
+
+
+def _to_host(tree):
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    arrays = [x for x in leaves if isinstance(x, jax.Array) and x.is_fully_addressable]
+    fetched = iter(jax.device_get(arrays))  # one transfer for the step's ids
+    return jax.tree.unflatten(treedef, [next(fetched) if isinstance(x, jax.Array) and x.is_fully_addressable
+                                        else _host_value(x) for x in leaves])
+
+
+def _broadcast(x: np.ndarray, source: bool) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(x, is_source=source))
+
+
+HEADER_BYTES = 4096  # the usual step's decision fits: one broadcast
+
+
+def _broadcast_plan(plan, source: bool) -> dict:
+    """Process 0's decision to every process: a fixed 4 KiB buffer (length first), and a second,
+    power-of-two sized broadcast only when it does not fit (few shapes: few compiles)."""
+    buf = np.zeros(HEADER_BYTES, np.uint8)
+    data = b""
+    if source:
+        data = json.dumps(plan, default=_json_default).encode()
+        buf[:4] = np.frombuffer(np.uint32(len(data)).tobytes(), np.uint8)
+        if len(data) <= HEADER_BYTES - 4:
+            buf[4:4 + len(data)] = np.frombuffer(data, np.uint8)
+    buf = _broadcast(buf, source)
+    n = int(np.frombuffer(buf[:4].tobytes(), np.uint32)[0])
+    if n <= HEADER_BYTES - 4:
+        data = buf[4:4 + n].tobytes()
+    else:
+        big = np.zeros(_next_pow2(n), np.uint8)
+        if source:
+            big[:n] = np.frombuffer(data, np.uint8)
+        data = _broadcast(big, source)[:n].tobytes()
+    plan = json.loads(data.decode())
+    plan["admit"] = [tuple(a) for a in plan["admit"]]
+    plan["chunks"] = [tuple(c) for c in plan["chunks"]]
+    plan["journal"] = [tuple(e) for e in plan["journal"]]
+    return plan
+
+
+def _json_default(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    raise TypeError(f"cannot broadcast {type(x).__name__}")
+
+
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "SlotCache", "SlotState", "prefill_chunk", "decode_slots"]
