@@ -38,6 +38,38 @@ PARITY_CONFIGS = {
 }
 
 
+def subprocess_env() -> dict:
+    """Environment for a test subprocess that sets its own CPU device count (tests/*_checks.py)."""
+    here = os.path.join(REPO, "tests")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+        [REPO, here, os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run_two_processes(script, mode, args, timeout=300):
+    """`python script mode I PORT *args` for I in 0, 1 (jax.distributed on a free local port);
+    asserts both exit 0, killing both when one hangs."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, script, mode, str(i), str(port), *args], env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+
+
 def random_ids(cfg, batch, length, seed=0):
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, length)).astype(np.int32)
 

@@ -4,7 +4,6 @@ abort, bad input, failing steps, the Pallas path, a mesh and two processes, the 
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,11 +13,11 @@ import pytest
 
 import gptoss_jax as gj
 from gptoss_jax import load_model, write_random_checkpoint
-from gptoss_jax.engine import Engine, SamplingParams, decode_slots
+from gptoss_jax.engine import Engine, SamplingParams
 from gptoss_jax.generate import generate
 
 from engine_helpers import greedy_schedule, prompt, run_schedule, sampled_requests
-from helpers import tiny_config
+from helpers import run_two_processes, subprocess_env, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = tiny_config(num_key_value_heads=4)  # window 16; 4 kv heads split over model=2 in the mesh runs
@@ -307,19 +306,6 @@ def test_pallas_engine_matches_xla(model, ckpt):
 SCRIPT = os.path.join(HERE, "engine_checks.py")
 
 
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _expected(model) -> dict:
     """What every engine run of engine_checks.py must produce: the solo generate() tokens."""
     _, reqs = greedy_schedule(CFG.vocab_size)
@@ -333,8 +319,8 @@ def _expected(model) -> dict:
 def mesh_run(ckpt, tmp_path_factory):
     """One process, 4 CPU devices: the engine on a (data=2, expert=1, model=2) mesh, Auto and Explicit."""
     out = str(tmp_path_factory.mktemp("engine_mesh") / "mesh.json")
-    r = subprocess.run([sys.executable, SCRIPT, "mesh", ckpt, out], env=_env(), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, SCRIPT, "mesh", ckpt, out], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     with open(out) as f:
         return json.load(f)
@@ -354,18 +340,7 @@ def test_two_process_engine_matches_one_process(model, ckpt, mesh_run, tmp_path)
     """2 processes x 2 CPU devices (gloo), the same mesh over the 4 global devices: process 0 queues
     and schedules, both execute its broadcast decisions; both report what one process does."""
     out = str(tmp_path / "host")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "host", str(i), str(port), ckpt, out], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_two_processes(SCRIPT, "host", [ckpt, out], timeout=600)
     runs = []
     for i in range(2):
         with open(f"{out}.{i}.json") as f:

@@ -7,7 +7,6 @@ and report JSON / npy back. The single-device model is the reference everywhere.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ from gptoss_jax.config import preset
 from gptoss_jax.layers import experts_xla, route
 from gptoss_jax.model import abstract_model
 
-from helpers import tiny_config
+from helpers import run_two_processes, subprocess_env, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sharded_checks.py")
@@ -33,11 +32,7 @@ TOL = 1e-5
 CFG = tiny_config(num_key_value_heads=4)
 
 
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    return env
+_env = subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -172,26 +167,9 @@ def test_pallas_kernels_on_a_mesh_match_single_device(mesh_results):
 
 
 # ---- two processes x 2 CPU devices ------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_single_device(ckpt, tmp_path):
     out = str(tmp_path / "logits.npy")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, SCRIPT, "host", str(i), str(port), ckpt, out], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_two_processes(SCRIPT, "host", [ckpt, out])
     got = np.load(out)
     ref_model = load_model(ckpt, dtype="float32", kernels="xla", progress=False)
     ids = np.random.default_rng(1).integers(0, CFG.vocab_size, size=(2, 24)).astype(np.int32)
