@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gptoss_jax import CheckpointError, convert, load_model, write_random_checkpoint
-from gptoss_jax.checkpoint import HF_INDEX, HUB_PATTERNS, SafetensorsFile, resolve, write_safetensors
+from gptoss_jax.checkpoint import HF_INDEX, SafetensorsFile, resolve, write_safetensors
 from gptoss_jax.cli import main as cli
 
 from helpers import REFERENCE, tiny_config

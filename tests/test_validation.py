@@ -476,7 +476,7 @@ def test_a_conversation_without_an_assistant_turn_is_refused():
     ('[{"role": "user", "content": "hi"}]', "JSON object"),
     ('{"messages": [{"role": "user", "content": null}]}', "content"),
     ('{"messages": [{"role": "user"}]}', "content"),
-    ('{"messages": "hi"}', ""),
+    ('{"messages": "hi"}', "message must be"),
 ])
 def test_jsonl_errors_name_the_line(tmp_path, capsys, line, match):
     data = tmp_path / "d.jsonl"
