@@ -122,7 +122,7 @@ def replay_baseline(reqs, arrivals, durations):
     return res
 
 
-def warm_up(model, eng, reqs, chunk):
+def warm_up(model, eng, reqs, chunk, baseline=True):
     """Every compiled shape once: the engine's prefill buckets / chunk variants and decode step, and
     generate()'s (prompt bucket, cache bucket, decode bucket) combinations of this mix."""
     from gptoss_jax.generate import MIN_BUCKET, _next_pow2, decode_bucket
@@ -132,6 +132,8 @@ def warm_up(model, eng, reqs, chunk):
         eng.add_request([1] * n, params_of(dict(max_tokens=2, temperature=0.7, top_p=0.9, seed=0)), request_id=f"w{i}")
     while eng.has_unfinished_requests():
         eng.step()
+    if not baseline:
+        return
     seen = set()
     cfg = model.config
     for r in reqs:
@@ -152,6 +154,7 @@ def main():
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument("--max-seqs", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--decode-steps", default="1,8", help="engine decode steps per dispatch, comma-separated runs")
     ap.add_argument("--load", type=float, default=0.8, help="Poisson rate as a fraction of the burst throughput")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", action="store_true")
@@ -166,17 +169,26 @@ def main():
     model = load_model(path, dtype=args.dtype, kernels="auto", progress=False)
     reqs = request_mix(args.requests, cfg.vocab_size, args.max_prompt, args.max_new)
     max_len = args.max_prompt + args.max_new
-    eng = Engine(model, max_seqs=args.max_seqs, max_len=max_len, prefill_chunk=args.prefill_chunk)
+    ks = [int(k) for k in args.decode_steps.split(",")]
+    engines = {k: Engine(model, max_seqs=args.max_seqs, max_len=max_len, prefill_chunk=args.prefill_chunk,
+                         decode_steps=k) for k in ks}
     t = time.perf_counter()
-    warm_up(model, eng, reqs, args.prefill_chunk)
+    for i, eng in enumerate(engines.values()):
+        warm_up(model, eng, reqs, args.prefill_chunk, baseline=i == 0)
     warm_s = time.perf_counter() - t
 
     burst = np.zeros(len(reqs))
-    engine_burst = run_engine(eng, reqs, burst, "burst")
-    rate = args.load * len(reqs) / engine_burst["wall_s"]  # requests/s
+    results = {}
+    for k, eng in engines.items():
+        results[("burst", k)] = run_engine(eng, reqs, burst, f"burst{k}-")
+        print(f"engine decode_steps={k} burst: {results[('burst', k)]['tokens_per_s']:.1f} tok/s", flush=True)
+    # the Poisson stream at --load times the best burst throughput (requests/s), the same for every server
+    rate = args.load * len(reqs) / min(results[("burst", k)]["wall_s"] for k in ks)
     arrivals = np.cumsum(np.random.default_rng(1).exponential(1 / rate, len(reqs)))
     arrivals -= arrivals[0]
-    engine_poisson = run_engine(eng, reqs, arrivals, "poisson")
+    for k, eng in engines.items():
+        results[("poisson", k)] = run_engine(eng, reqs, arrivals, f"poisson{k}-")
+        print(f"engine decode_steps={k} Poisson: {results[('poisson', k)]['tokens_per_s']:.1f} tok/s", flush=True)
     durations, _ = run_one_at_a_time(model, reqs, args.prefill_chunk)
     base_burst = replay_baseline(reqs, burst, durations)
     base_poisson = replay_baseline(reqs, arrivals, durations)
@@ -186,23 +198,25 @@ def main():
     print(f"device: {dev.platform} ({label}); model: 4 layers, d=256, 16 experts top-4, vocab 32000, {args.dtype}, "
           f"kernels {model.kernels}; {len(reqs)} requests, prompts 16..{args.max_prompt}, max_tokens 16..{args.max_new}; "
           f"engine max_seqs {args.max_seqs}, prefill_chunk {args.prefill_chunk}; warm-up (compiles) {warm_s:.0f} s")
-    head = f"{'arrivals':<10}{'server':<22}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}" \
+    head = f"{'arrivals':<16}{'server':<26}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}" \
            f"{'ITL p99':>10}{'occupancy':>10}"
     print(head)
-    rows = [("burst", "engine", engine_burst), ("burst", "generate, one at a time", base_burst),
-            (f"Poisson {rate:.2f}/s", "engine", engine_poisson),
-            (f"Poisson {rate:.2f}/s", "generate, one at a time", base_poisson)]
+    rows = []
+    for scen, base, arr in (("burst", base_burst, "burst"), ("poisson", base_poisson, f"Poisson {rate:.2f}/s")):
+        rows += [(arr, f"engine, decode_steps {k}", results[(scen, k)]) for k in ks]
+        rows.append((arr, "generate, one at a time", base))
     for arr, name, r in rows:
         occ = "" if np.isnan(r["occupancy"]) else f"{r['occupancy']:.0%}"
-        print(f"{arr:<10}{name:<22}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>9.2f}s{r['ttft_p99']:>9.2f}s"
+        print(f"{arr:<16}{name:<26}{r['tokens_per_s']:>10.1f}{r['ttft_p50']:>9.2f}s{r['ttft_p99']:>9.2f}s"
               f"{r['itl_p50'] * 1e3:>8.1f}ms{r['itl_p99'] * 1e3:>8.1f}ms{occ:>10}")
-    ratio = engine_burst["tokens_per_s"] / base_burst["tokens_per_s"]
-    print(f"throughput ratio (engine / one at a time), burst: {ratio:.2f}x; Poisson: "
-          f"{engine_poisson['tokens_per_s'] / base_poisson['tokens_per_s']:.2f}x ({label})")
+    ratios = {f"{scen}/decode_steps={k}": results[(scen, k)]["tokens_per_s"] / b["tokens_per_s"]
+              for scen, b in (("burst", base_burst), ("poisson", base_poisson)) for k in ks}
+    print("throughput ratio (engine / one at a time): "
+          + ", ".join(f"{name} {r:.2f}x" for name, r in ratios.items()) + f" ({label})")
     if args.json:
-        print(json.dumps(dict(device=dev.platform, label=label, rate=rate, ratio_burst=ratio,
-                              engine_burst=engine_burst, engine_poisson=engine_poisson, baseline_burst=base_burst,
-                              baseline_poisson=base_poisson)))
+        print(json.dumps(dict(device=dev.platform, label=label, rate=rate, ratios=ratios,
+                              engine={f"{s}/{k}": v for (s, k), v in results.items()},
+                              baseline_burst=base_burst, baseline_poisson=base_poisson)))
 
 
 if __name__ == "__main__":

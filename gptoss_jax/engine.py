@@ -256,13 +256,16 @@ def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_
     return model.within_runtime(body, specs, cache, slots, slot, ids_1T, n_new_1, req)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kv"), donate_argnames=("cache", "slots"))
-def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache):
-    """One token for every live slot (one shape: [max_seqs]). Returns (cache, slots, (tokens [B],
-    emitted [B] (the slot was live), logprobs [B]) replicated); stops and lengths end slots here."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "steps"), donate_argnames=("cache", "slots"))
+def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache, steps: int = 1):
+    """`steps` tokens for every live slot (one shape: [max_seqs]); stops and lengths end slots here.
+    Returns (cache, slots, (tokens, emitted (the slot was live), logprobs), each [steps, B], replicated).
+    steps > 1 runs them in one while_loop (stopping early once no slot is live): one dispatch and one
+    read-back per `steps` tokens, work on the parameters hoisted out of the loop."""
     model = nnx.merge(graphdef, state)
+    B = slots.tok.shape[0]
 
-    def body(model, cache, slots):
+    def one(model, cache, slots):
         live = slots.live
         logits, cache = kv.decode(model, cache, slots.tok, live.astype(jnp.int32))
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(slots.key_data), slots.n_gen)
@@ -272,7 +275,23 @@ def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache):
         still = live & ~jnp.any(tok[:, None] == slots.stop, axis=1) & (n_gen < slots.max_tokens)
         slots = slots.replace(tok=jnp.where(live, tok, slots.tok), n_gen=n_gen, live=still,
                               temperature=jnp.where(still, slots.temperature, 0.0))
-        return cache, slots, tuple(_replicate(model, x) for x in (tok, live, lp))
+        return cache, slots, (tok, live, lp)
+
+    def body(model, cache, slots):
+        if steps == 1:
+            cache, slots, out = one(model, cache, slots)
+            out = tuple(x[None] for x in out)
+        else:
+            zeros = (jnp.zeros((steps, B), jnp.int32), jnp.zeros((steps, B), bool), jnp.zeros((steps, B), jnp.float32))
+
+            def loop_body(c):
+                i, cache, slots, out = c
+                cache, slots, new = one(model, cache, slots)
+                return i + 1, cache, slots, tuple(o.at[i].set(n) for o, n in zip(out, new))
+
+            _, cache, slots, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[2].live), loop_body,
+                                                      (jnp.int32(0), cache, slots, zeros))
+        return cache, slots, tuple(_replicate(model, x) for x in out)
 
     specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(), P(), P()))
     return model.within_runtime(body, specs, cache, slots)
@@ -323,7 +342,7 @@ class _Dispatched:
     decode step's tokens for the slots that were decoding (rid per slot at dispatch)."""
 
     firsts: list = dataclasses.field(default_factory=list)  # (rid, tok [1], lp [1])
-    decode: tuple | None = None  # (tok [B], emitted [B], lp [B])
+    decode: tuple | None = None  # (tok, emitted, lp), [steps, B] each
     decode_rids: tuple = ()
 
 
@@ -333,12 +352,15 @@ class Engine:
     max_len: positions per slot (prompt + max_tokens <= max_len); prefill_chunk: prompt tokens per
     step at most (chunks are power-of-two buckets up to it, as `generate`'s); max_stop_tokens: the
     per-slot stop list width (one compile for any list up to it); overlap: report step n - 1's tokens
-    while step n runs (False: each step waits for its own tokens)."""
+    while step n runs (False: each step waits for its own tokens); decode_steps: tokens per slot and
+    step (one device program; > 1 amortises the per-dispatch cost, admissions then happen every
+    `decode_steps` tokens)."""
 
     def __init__(self, model: GptOss, max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, *,
-                 max_stop_tokens: int | None = None, overlap: bool = True):
+                 max_stop_tokens: int | None = None, overlap: bool = True, decode_steps: int = 1):
         cfg = model.config
-        for name, v in (("max_seqs", max_seqs), ("max_len", max_len), ("prefill_chunk", prefill_chunk)):
+        for name, v in (("max_seqs", max_seqs), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
+                        ("decode_steps", decode_steps)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if max_len > cfg.max_position_embeddings:
@@ -350,6 +372,7 @@ class Engine:
         n_stop = max(STOP_SLOTS, len(defaults.stop_tokens)) if max_stop_tokens is None else int(max_stop_tokens)
         self.max_stop_tokens = -(-n_stop // STOP_SLOTS) * STOP_SLOTS
         self.overlap = bool(overlap)
+        self.decode_steps = int(decode_steps)
         self.kv = SlotCache(self.max_seqs, self.max_len)
         self._graphdef, self._state = nnx.split(model)
         self._key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
@@ -366,7 +389,8 @@ class Engine:
         self._pending: list[_Dispatched] = []
         self._next_id = 0
         self._seq = 0
-        self.stats = collections.Counter()  # steps, decode_steps, decode_tokens, prefill_tokens, output_tokens
+        # steps, decode_steps (those with a live slot), decode_tokens, prefill_tokens, output_tokens
+        self.stats = collections.Counter()
 
     # ---- public API ----------------------------------------------------------------------------
     def add_request(self, prompt_token_ids, params: SamplingParams | None = None, request_id=None):
@@ -567,11 +591,10 @@ class Engine:
         except BaseException:
             self._fail([rid for rid in decoding if rid is not None])
             raise
-        self.stats["decode_steps"] += 1
         now.decode, now.decode_rids = out, decoding
 
     def _decode_call(self, cache, slots):
-        return decode_slots(self._graphdef, self._state, cache, slots, kv=self.kv)
+        return decode_slots(self._graphdef, self._state, cache, slots, kv=self.kv, steps=self.decode_steps)
 
     def _fail(self, rids) -> None:
         """A dispatch raised: abort the requests whose state it may have left half-written (all of
@@ -597,11 +620,12 @@ class Engine:
             for (rid, _, _), (tok, lp) in zip(d.firsts, firsts):
                 self._emit(outs, rid, int(tok[0]), float(lp[0]))
             if dec is not None:
-                tok, emitted, lp = dec
-                self.stats["decode_tokens"] += int(emitted.sum())
-                for slot, rid in enumerate(d.decode_rids):
-                    if rid is not None and emitted[slot]:
-                        self._emit(outs, rid, int(tok[slot]), float(lp[slot]))
+                for tok, emitted, lp in zip(*dec):  # [steps, B] each
+                    self.stats["decode_steps"] += int(emitted.any())
+                    self.stats["decode_tokens"] += int(emitted.sum())
+                    for slot, rid in enumerate(d.decode_rids):
+                        if rid is not None and emitted[slot]:
+                            self._emit(outs, rid, int(tok[slot]), float(lp[slot]))
         return list(outs.values())
 
     def _emit(self, outs, rid, tok: int, lp: float) -> None:

@@ -60,12 +60,13 @@ def sampling_kwargs(p: SamplingParams) -> dict:
 def test_staggered_greedy_requests_equal_solo_generate(model):
     """12 greedy requests of 1..48 prompt tokens (one or two prefill chunks, past the window), added
     at staggered steps into 4 slots: each equals generate() on its prompt alone, with or without
-    the host/device overlap, and slots are reused as requests finish."""
+    the host/device overlap, one or 4 decode steps per dispatch, and slots are reused as requests
+    finish."""
     schedule, reqs = greedy_schedule(CFG.vocab_size)
     results = {}
-    for overlap in (True, False):
-        eng = Engine(model, overlap=overlap, **ENGINE)
-        results[overlap] = run_schedule(eng, schedule)
+    for overlap, k in ((True, 1), (False, 1), (True, 4)):
+        eng = Engine(model, overlap=overlap, decode_steps=k, **ENGINE)
+        results[overlap, k] = run_schedule(eng, schedule)
         assert eng.num_free_slots() == ENGINE["max_seqs"]
     for overlap, res in results.items():
         assert res[None]["max_busy"] == ENGINE["max_seqs"]  # the batch was full at some point
@@ -75,7 +76,7 @@ def test_staggered_greedy_requests_equal_solo_generate(model):
             assert res[rid]["reason"] == "length"
             np.testing.assert_allclose(res[rid]["logprobs"], want_lp, atol=1e-4)
     # requests arrived while others ran and finished at different steps
-    res = results[True]
+    res = results[True, 1]
     assert len({res[r]["first_step"] for r in reqs}) > 5 and len({res[r]["last_step"] for r in reqs}) > 5
 
 
@@ -210,13 +211,13 @@ def test_bad_input_raises_and_the_engine_keeps_serving(model):
     ids = prompt(CFG.vocab_size, 15, seed=3)
     eng = Engine(model, **ENGINE)
     eng.add_request(ids, SamplingParams(max_tokens=10, temperature=0, stop_token_ids=()), request_id="ok")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1], SamplingParams(max_tokens=2), request_id="ok")
     got = [t for o in eng.step() + eng.step() for t in o.new_token_ids]
     for bad_prompt, kw, match in BAD:
         with pytest.raises(ValueError, match=match):
             eng.add_request(bad_prompt, SamplingParams(**{"max_tokens": 4, **kw}))
         got += [t for o in eng.step() for t in o.new_token_ids]
-    with pytest.raises(ValueError, match="already in use"):
-        eng.add_request([1], SamplingParams(max_tokens=2), request_id="ok")
     with pytest.raises(ValueError, match="request_id"):
         eng.add_request([1], SamplingParams(max_tokens=2), request_id=1.5)
     with pytest.raises(ValueError, match="max_len"):
