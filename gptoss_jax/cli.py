@@ -72,62 +72,49 @@ def _sampling_kwargs(args):
                 top_k=args.top_k, seed=args.seed)
 
 
-def _stream_text(enc, token_iter, stop_tokens):
-    """Print decoded text as tokens arrive (whole UTF-8 characters only); returns the tokens."""
-    out, printed = [], b""
-    for tok in token_iter:
-        tok = int(tok[0])
-        if tok in stop_tokens:
-            break
-        out.append(tok)
-        data = enc.decode_bytes(out)
-        text = data[len(printed):].decode("utf-8", errors="ignore") if data.startswith(printed) else ""
-        if text:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            printed += text.encode()
-    sys.stdout.write("\n")
-    return out
-
-
-def _assistant_turn(model, enc, messages, args):
-    """Render the conversation, stream the reply (final channel; analysis too if asked), return the final text."""
-    from openai_harmony import HarmonyError
-
+def _print_reply(model, prompt, args, *, harmony: bool) -> str:
+    """Stream the reply to stdout as it is generated and return its content. Read as harmony (the
+    answer; the reasoning too with --show-reasoning) or, with harmony=False, as plain text. Output
+    that is not valid harmony (an untrained model) is printed as its raw text, never dropped."""
     from .generate import generate_stream
-    from .harmony import render_prompt, stream_deltas
+    from .harmony import CompletionDecoder
 
-    prompt = render_prompt(messages, reasoning_effort=args.reasoning_effort)
-    stops = set(model.generation_defaults.stop_tokens)
-    produced, final, shown = [], [], None
+    stops = tuple(model.generation_defaults.stop_tokens)
+    decoder = CompletionDecoder(stop_tokens=None if harmony else stops, harmony=harmony)
+    content, shown = [], None
 
-    def tokens():
-        for tok in generate_stream(model, [prompt], **_sampling_kwargs(args)):
-            if int(tok[0]) in stops:
-                return
-            produced.append(int(tok[0]))
-            yield int(tok[0])
+    def show(deltas):
+        nonlocal shown
+        for d in deltas:
+            if d.kind == "content":
+                content.append(d.text)
+            if not (args.show_reasoning or d.kind == "content"):
+                continue
+            if args.show_reasoning and d.kind != shown:
+                sys.stdout.write(f"\n[{d.kind}] ")
+                shown = d.kind
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
 
-    try:
-        for channel, delta in stream_deltas(tokens()):
-            if channel == "final":
-                final.append(delta)
-            if args.show_reasoning and channel != shown:
-                sys.stdout.write(f"\n[{channel}] ")
-                shown = channel
-            if args.show_reasoning or channel == "final":
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-    except HarmonyError as e:  # openai-harmony rejects malformed output (e.g. an untrained model); only that
-        text = enc.decode(produced)
-        print(f"\n[the reply is not valid harmony ({e}); raw text follows]\n{text}", file=sys.stderr)
-        return text
+    for tok in generate_stream(model, [prompt], **_sampling_kwargs(args)):
+        show(decoder.feed(int(tok[0])))
+        if decoder.done or int(tok[0]) in stops:
+            break
+    show(decoder.finish())
+    if decoder.error and harmony:
+        print(f"\n[the reply is not valid harmony ({decoder.error}): shown as raw text]", file=sys.stderr)
     sys.stdout.write("\n")
-    return "".join(final)
+    return "".join(content)
+
+
+def _assistant_turn(model, messages, args):
+    """Render the conversation and stream the assistant's reply; returns its text."""
+    from .harmony import render_prompt
+
+    return _print_reply(model, render_prompt(messages, reasoning_effort=args.reasoning_effort), args, harmony=True)
 
 
 def _cmd_generate(args):
-    from .generate import generate_stream
     from .tokenizer import load_tokenizer
 
     if not args.prompt:
@@ -136,18 +123,13 @@ def _cmd_generate(args):
     enc = load_tokenizer()
     model = _load(args)
     if args.raw:
-        ids = enc.encode(args.prompt, allowed_special="all")
-        _stream_text(enc, generate_stream(model, [ids], **_sampling_kwargs(args)),
-                     set(model.generation_defaults.stop_tokens))
+        _print_reply(model, enc.encode(args.prompt, allowed_special="all"), args, harmony=False)
     else:
-        _assistant_turn(model, enc, [{"role": "user", "content": args.prompt}], args)
+        _assistant_turn(model, [{"role": "user", "content": args.prompt}], args)
 
 
 def _cmd_chat(args):
-    from .tokenizer import load_tokenizer
-
     _check_run_args(args)
-    enc = load_tokenizer()
     model = _load(args)
     messages = []
     print("gpt-oss chat: type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
@@ -160,7 +142,7 @@ def _cmd_chat(args):
             break
         messages.append({"role": "user", "content": line})
         sys.stdout.write("gpt-oss> ")
-        reply = _assistant_turn(model, enc, messages, args)
+        reply = _assistant_turn(model, messages, args)
         messages.append({"role": "assistant", "content": reply, "channel": "final"})
 
 
@@ -234,6 +216,34 @@ def _add_finetune_parser(sub):
     f.set_defaults(fn=_cmd_finetune)
 
 
+def _cmd_serve(args):
+    from .server import serve
+
+    serve(args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+          max_seqs=args.max_seqs, max_len=args.max_len, prefill_chunk=args.prefill_chunk, mesh=args.mesh,
+          kernels=args.kernels, dtype=args.dtype, api_key=args.api_key, max_waiting=args.max_waiting)
+
+
+def _add_serve_parser(sub):
+    from .server.app import DEFAULT_MAX_WAITING
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server (chat completions, responses, completions)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or Hugging Face id (default {DEFAULT_MODEL})")
+    s.add_argument("--served-model-name", help="the model name clients send (default: the folder name or Hub id)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    s.add_argument("--max-seqs", type=int, default=16, help="decode slots: requests running at once")
+    s.add_argument("--max-len", type=int, default=8192, help="prompt + completion tokens per request")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step at most")
+    s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help="requests queued beyond the slots before 503")
+    s.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4,model=1 (default: one device)")
+    s.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
+    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $GPTOSS_API_KEY)")
+    s.set_defaults(fn=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-jax", description="gpt-oss in JAX: convert, run, inspect")
     sub = p.add_subparsers(dest="command", required=True)
@@ -276,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=_cmd_info)
 
     _add_finetune_parser(sub)
+    _add_serve_parser(sub)
 
     from .aot import add_parser as _add_aot_parser  # deviceless deployment plans (gptoss_jax/aot.py)
     _add_aot_parser(sub)

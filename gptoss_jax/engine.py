@@ -65,6 +65,7 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: Sequence[int] | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # also the most likely tokens at each step (<= the engine's top_logprobs)
 
 
 @dataclasses.dataclass
@@ -74,6 +75,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
     logprobs: list[float] | None = None  # one per new token when the request asked for them
+    # per new token, the (token id, logprob) of the most likely tokens, when the request asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,27 +225,39 @@ def _slot_specs(model: GptOss, slots):
     return jax.tree.map(lambda a: model.runtime.spec(("batch",) + (None,) * (a.ndim - 1), a.shape), slots)
 
 
-def _sample_first(logits_1V, req: RequestArrays):
+def _logprobs(logits_NV, tok_N, k: int):
+    """(logprob of tok [N], the k best logprobs [N, k], their ids [N, k]) of the raw logits."""
+    lp = token_logprobs(logits_NV, tok_N)
+    if not k:
+        return lp, jnp.zeros(lp.shape + (0,), jnp.float32), jnp.zeros(lp.shape + (0,), jnp.int32)
+    top_v, top_i = jax.lax.top_k(jax.nn.log_softmax(logits_NV.astype(jnp.float32), axis=-1), k)
+    return lp, top_v, top_i.astype(jnp.int32)
+
+
+def _sample_first(logits_1V, req: RequestArrays, k: int):
     """Token 0 of a request: drawn with fold_in(request key, 0), request key = fold_in(key(seed), 0)."""
     key = jax.random.fold_in(jax.random.wrap_key_data(req.seed_key[0]), 0)
     draw = jax.random.fold_in(key, 0)[None]
     tok = sample_rows(logits_1V, draw, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
-    return tok, token_logprobs(logits_1V, tok), jax.random.key_data(key)
+    return tok, _logprobs(logits_1V, tok, k), jax.random.key_data(key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "first", "finish"), donate_argnames=("cache", "slots"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "first", "finish", "top_logprobs"),
+                   donate_argnames=("cache", "slots"))
 def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_1, req: RequestArrays, *,
-                  kv: SlotCache, first: bool, finish: bool):
+                  kv: SlotCache, first: bool, finish: bool, top_logprobs: int = 0):
     """One prompt chunk into `slot`; the last chunk (`finish`) also samples the request's first token
-    and makes the slot live. Returns (cache, slots, (token [1], logprob [1]) replicated)."""
+    and makes the slot live. Returns (cache, slots, (token [1], (logprob [1], top values [1, k],
+    top ids [1, k])) replicated)."""
     model = nnx.merge(graphdef, state)
 
     def body(model, cache, slots, slot, ids_1T, n_new_1, req):
         logits, cache = kv.prefill(model, cache, slot, ids_1T, n_new_1, first=first)
         if not finish:
             z = jnp.zeros((1,), jnp.int32)
-            return cache, slots, (z, z.astype(jnp.float32))
-        tok, lp, key_data = _sample_first(logits, req)
+            return cache, slots, (z, (z.astype(jnp.float32), jnp.zeros((1, top_logprobs), jnp.float32),
+                                      jnp.zeros((1, top_logprobs), jnp.int32)))
+        tok, lp, key_data = _sample_first(logits, req, top_logprobs)
         live = ~jnp.isin(tok[0], req.stop[0]) & (req.max_tokens[0] > 1)
         slots = slots.replace(
             tok=_set(slots.tok, slot, tok[0]), n_gen=_set(slots.n_gen, slot, jnp.int32(1)),
@@ -250,16 +265,18 @@ def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_
             temperature=_set(slots.temperature, slot, jnp.where(live, req.temperature[0], 0.0)),
             top_p=_set(slots.top_p, slot, req.top_p[0]), top_k=_set(slots.top_k, slot, req.top_k[0]),
             key_data=_set(slots.key_data, slot, key_data), stop=_set(slots.stop, slot, req.stop[0]))
-        return cache, slots, (_replicate(model, tok), _replicate(model, lp))
+        return cache, slots, (_replicate(model, tok), tuple(_replicate(model, x) for x in lp))
 
-    specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(), P()))
+    specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(), (P(), P(), P())))
     return model.within_runtime(body, specs, cache, slots, slot, ids_1T, n_new_1, req)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "steps"), donate_argnames=("cache", "slots"))
-def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache, steps: int = 1):
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv", "steps", "top_logprobs"),
+                   donate_argnames=("cache", "slots"))
+def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache, steps: int = 1, top_logprobs: int = 0):
     """`steps` tokens for every live slot (one shape: [max_seqs]); stops and lengths end slots here.
-    Returns (cache, slots, (tokens, emitted (the slot was live), logprobs), each [steps, B], replicated).
+    Returns (cache, slots, (tokens, emitted (the slot was live), logprobs, top values, top ids)
+    replicated, [steps, B] each (the top ones [steps, B, top_logprobs])).
     steps > 1 runs them in one while_loop (stopping early once no slot is live): one dispatch and one
     read-back per `steps` tokens, work on the parameters hoisted out of the loop."""
     model = nnx.merge(graphdef, state)
@@ -270,19 +287,21 @@ def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache, ste
         logits, cache = kv.decode(model, cache, slots.tok, live.astype(jnp.int32))
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(slots.key_data), slots.n_gen)
         tok = sample_rows(logits, keys, temperature=slots.temperature, top_p=slots.top_p, top_k=slots.top_k)
-        lp = token_logprobs(logits, tok)
+        lp, top_v, top_i = _logprobs(logits, tok, top_logprobs)
         n_gen = slots.n_gen + live.astype(jnp.int32)
         still = live & ~jnp.any(tok[:, None] == slots.stop, axis=1) & (n_gen < slots.max_tokens)
         slots = slots.replace(tok=jnp.where(live, tok, slots.tok), n_gen=n_gen, live=still,
                               temperature=jnp.where(still, slots.temperature, 0.0))
-        return cache, slots, (tok, live, lp)
+        return cache, slots, (tok, live, lp, top_v, top_i)
 
     def body(model, cache, slots):
         if steps == 1:
             cache, slots, out = one(model, cache, slots)
             out = tuple(x[None] for x in out)
         else:
-            zeros = (jnp.zeros((steps, B), jnp.int32), jnp.zeros((steps, B), bool), jnp.zeros((steps, B), jnp.float32))
+            K = (top_logprobs,)
+            zeros = (jnp.zeros((steps, B), jnp.int32), jnp.zeros((steps, B), bool), jnp.zeros((steps, B), jnp.float32),
+                     jnp.zeros((steps, B) + K, jnp.float32), jnp.zeros((steps, B) + K, jnp.int32))
 
             def loop_body(c):
                 i, cache, slots, out = c
@@ -293,7 +312,7 @@ def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache, ste
                                                       (jnp.int32(0), cache, slots, zeros))
         return cache, slots, tuple(_replicate(model, x) for x in out)
 
-    specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(), P(), P()))
+    specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(),) * 5)
     return model.within_runtime(body, specs, cache, slots)
 
 
@@ -336,6 +355,10 @@ class _Request:
         return self.p["chunk"]
 
 
+def _aborted(r: _Request) -> RequestOutput:
+    return RequestOutput(r.rid, [], True, "abort", [] if r.p["logprobs"] else None, [] if r.p["top_logprobs"] else None)
+
+
 @dataclasses.dataclass
 class _Dispatched:
     """What one step put on the device, to read back: first tokens of finished prefills, then the
@@ -354,15 +377,19 @@ class Engine:
     per-slot stop list width (one compile for any list up to it); overlap: report step n - 1's tokens
     while step n runs (False: each step waits for its own tokens); decode_steps: tokens per slot and
     step (one device program; > 1 amortises the per-dispatch cost, admissions then happen every
-    `decode_steps` tokens)."""
+    `decode_steps` tokens); top_logprobs: how many most likely tokens every step also reports (a
+    static width, one compile; requests ask for up to it, 0 turns it off)."""
 
     def __init__(self, model: GptOss, max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, *,
-                 max_stop_tokens: int | None = None, overlap: bool = True, decode_steps: int = 1):
+                 max_stop_tokens: int | None = None, overlap: bool = True, decode_steps: int = 1,
+                 top_logprobs: int = 0):
         cfg = model.config
         for name, v in (("max_seqs", max_seqs), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                         ("decode_steps", decode_steps)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(top_logprobs, (int, np.integer)) or isinstance(top_logprobs, bool) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be a non-negative integer, got {top_logprobs!r}")
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's context of {cfg.max_position_embeddings} tokens")
         self.model = model
@@ -373,6 +400,7 @@ class Engine:
         self.max_stop_tokens = -(-n_stop // STOP_SLOTS) * STOP_SLOTS
         self.overlap = bool(overlap)
         self.decode_steps = int(decode_steps)
+        self.top_logprobs = min(int(top_logprobs), cfg.vocab_size)
         self.kv = SlotCache(self.max_seqs, self.max_len)
         self._graphdef, self._state = nnx.split(model)
         self._key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
@@ -397,11 +425,7 @@ class Engine:
         """Queue a request; returns its id. Bad input raises ValueError here (nothing is queued)."""
         if not self._source:
             raise RuntimeError("add requests on process 0: it owns the queue and broadcasts it")
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        prompt = self._check_prompt(prompt_token_ids)
-        p = self._resolve(params, len(prompt))
+        prompt, p = self._check_request(prompt_token_ids, params)
         if request_id is None:
             while self._in_use(self._next_id):
                 self._next_id += 1
@@ -451,7 +475,23 @@ class Engine:
                 self._apply(plan["journal"])
         return self._execute(plan)
 
+    def check_request(self, prompt_token_ids, params: SamplingParams | None = None) -> None:
+        """What `add_request` checks, without queuing: raises ValueError on bad input. Reads only
+        settings fixed at construction, so another thread may call it while this one steps."""
+        self._check_request(prompt_token_ids, params)
+
+    def num_waiting_requests(self) -> int:
+        """Requests queued for a slot (those added since the last step included)."""
+        return len(self._waiting) + sum(e[0] == "add" for e in self._inbox)
+
     # ---- validation ----------------------------------------------------------------------------
+    def _check_request(self, prompt_token_ids, params):
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = self._check_prompt(prompt_token_ids)
+        return prompt, self._resolve(params, len(prompt))
+
     def _check_prompt(self, prompt) -> np.ndarray:
         """Host-only checks (no device work, so nothing compiles per prompt length)."""
         arr = np.asarray(prompt)
@@ -488,10 +528,14 @@ class Engine:
             raise ValueError(f"stop token ids must be in [0, {V}), got {list(stops)}")
         if len(stops) > self.max_stop_tokens:
             raise ValueError(f"{len(stops)} stop tokens: at most {self.max_stop_tokens} (Engine(max_stop_tokens=))")
+        k = sp.top_logprobs
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= self.top_logprobs:
+            raise ValueError(f"top_logprobs must be an integer in [0, {self.top_logprobs}] "
+                             f"(Engine(top_logprobs=)), got {k!r}")
         chunk = min(max(MIN_BUCKET, _next_pow2(n_prompt)), self.prefill_chunk)  # generate's chunking
         return dict(max_tokens=int(sp.max_tokens), temperature=float(temperature), top_p=float(top_p),
                     top_k=0 if sp.top_k is None else min(int(sp.top_k), V), seed=int(sp.seed), stops=stops,
-                    logprobs=bool(sp.logprobs), chunk=chunk)
+                    logprobs=bool(sp.logprobs), top_logprobs=int(k), chunk=chunk)
 
     # ---- scheduling (host only, process 0 decides) --------------------------------------------
     def _apply(self, journal) -> None:
@@ -506,7 +550,7 @@ class Engine:
                 r = self._requests.get(entry[1])
                 if r is not None:
                     self._finish(r, "abort")
-                    self._outbox.append(RequestOutput(r.rid, [], True, "abort", [] if r.p["logprobs"] else None))
+                    self._outbox.append(_aborted(r))
 
     def _schedule(self) -> dict:
         """FIFO admissions into free slots, then prompt chunks within the token budget (FIFO)."""
@@ -583,7 +627,7 @@ class Engine:
 
     def _prefill_call(self, cache, slots, slot, ids, n_new, req, *, first, finish):
         return prefill_chunk(self._graphdef, self._state, cache, slots, slot, ids, n_new, req, kv=self.kv,
-                             first=first, finish=finish)
+                             first=first, finish=finish, top_logprobs=self.top_logprobs)
 
     def _run_decode(self, decoding: tuple, now: _Dispatched) -> None:
         try:
@@ -594,7 +638,8 @@ class Engine:
         now.decode, now.decode_rids = out, decoding
 
     def _decode_call(self, cache, slots):
-        return decode_slots(self._graphdef, self._state, cache, slots, kv=self.kv, steps=self.decode_steps)
+        return decode_slots(self._graphdef, self._state, cache, slots, kv=self.kv, steps=self.decode_steps,
+                            top_logprobs=self.top_logprobs)
 
     def _fail(self, rids) -> None:
         """A dispatch raised: abort the requests whose state it may have left half-written (all of
@@ -607,7 +652,7 @@ class Engine:
             r = self._requests.get(rid)
             if r is not None:
                 self._finish(r, "abort")
-                self._outbox.append(RequestOutput(rid, [], True, "abort", [] if r.p["logprobs"] else None))
+                self._outbox.append(_aborted(r))
         if lost:
             self._to_release = []
 
@@ -617,25 +662,29 @@ class Engine:
         self._outbox = []
         host = _to_host([([(tok, lp) for _, tok, lp in d.firsts], d.decode) for d in ready])
         for d, (firsts, dec) in zip(ready, host):
-            for (rid, _, _), (tok, lp) in zip(d.firsts, firsts):
-                self._emit(outs, rid, int(tok[0]), float(lp[0]))
+            for (rid, _, _), (tok, (lp, top_v, top_i)) in zip(d.firsts, firsts):
+                self._emit(outs, rid, int(tok[0]), float(lp[0]), top_v[0], top_i[0])
             if dec is not None:
-                for tok, emitted, lp in zip(*dec):  # [steps, B] each
+                for tok, emitted, lp, top_v, top_i in zip(*dec):  # [steps, B] each
                     self.stats["decode_steps"] += int(emitted.any())
                     self.stats["decode_tokens"] += int(emitted.sum())
                     for slot, rid in enumerate(d.decode_rids):
                         if rid is not None and emitted[slot]:
-                            self._emit(outs, rid, int(tok[slot]), float(lp[slot]))
+                            self._emit(outs, rid, int(tok[slot]), float(lp[slot]), top_v[slot], top_i[slot])
         return list(outs.values())
 
-    def _emit(self, outs, rid, tok: int, lp: float) -> None:
+    def _emit(self, outs, rid, tok: int, lp: float, top_v, top_i) -> None:
         r = self._requests.get(rid)
         if r is None:  # aborted or failed meanwhile: its in-flight tokens are dropped
             return
-        o = outs.setdefault(rid, RequestOutput(rid, [], False, None, [] if r.p["logprobs"] else None))
+        k = r.p["top_logprobs"]
+        o = outs.setdefault(rid, RequestOutput(rid, [], False, None, [] if r.p["logprobs"] else None,
+                                               [] if k else None))
         o.new_token_ids.append(tok)
         if o.logprobs is not None:
             o.logprobs.append(lp)
+        if k:
+            o.top_logprobs.append([(int(i), float(v)) for i, v in zip(top_i[:k], top_v[:k])])
         r.n_out += 1
         self.stats["output_tokens"] += 1
         reason = "stop" if tok in r.p["stops"] else "length" if r.n_out >= r.p["max_tokens"] else None

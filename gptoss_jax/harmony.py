@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import datetime
 import functools
@@ -49,6 +50,8 @@ __all__ = [
     "render_prompt",
     "parse_completion",
     "stop_token_ids",
+    "Delta",
+    "CompletionDecoder",
 ]
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -416,3 +419,137 @@ def stream_deltas(tokens: Iterable[int], encodings_base: str | os.PathLike | Non
         delta = parser.last_content_delta
         if delta:
             yield parser.current_channel, delta
+
+
+# A harmony header is a channel, a recipient and a content type (about a dozen tokens); a longer one
+# means the model is not speaking harmony (random or untrained weights): show its raw text instead.
+MAX_HEADER_TOKENS = 64
+_NOT_TOOLS = (None, "user", "all", "assistant")
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a completion. kind: ``"reasoning"`` (analysis channel), ``"content"`` (final or
+    commentary text, or the raw text of output that is not harmony) or ``"tool_call"`` (arguments
+    text of a call to ``recipient``). ``message`` numbers the messages of the completion (a new
+    number starts a new message)."""
+
+    kind: str
+    text: str
+    message: int
+    recipient: str | None = None
+
+
+class CompletionDecoder:
+    """Completion tokens in, :class:`Delta` pieces out, as they arrive: the one reading of a
+    completion that streaming and non-streaming replies share (so both give the same text).
+
+    Parsing is not strict, and output that is not valid harmony (a malformed or overlong header, a
+    token where a message must start) is never lost: from the message where it went wrong on, the
+    raw text of the tokens is reported as ``"content"`` (``harmony=False``: all of it, as raw
+    completions are). Stop tokens end the completion; ``<|return|>`` and ``<|call|>`` close the last
+    message."""
+
+    def __init__(self, encodings_base: str | os.PathLike | None = None, stop_tokens: Sequence[int] | None = None,
+                 *, harmony: bool = True):
+        self._enc = load_harmony_encoding(encodings_base)
+        self._tok = _tok.load_tokenizer(encodings_base)
+        self._parser = oh.StreamableParser(self._enc, oh.Role.ASSISTANT, strict=False)
+        self._stops = frozenset(_tok.DEFAULT_STOP_TOKEN_IDS if stop_tokens is None else stop_tokens)
+        self._since_message: list[int] = []  # tokens of the message being parsed
+        self._emitted = ""  # its text reported so far
+        self._message = 0
+        self._raw = None  # the incremental UTF-8 decoder once the output is not harmony
+        if not harmony:  # plain text from the start (raw completions)
+            self._raw = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.done = False
+        self.tool_calls: list[ToolCall] = []  # calls whose message closed
+        self.error: str | None = None  # why the output was taken as raw text
+
+    @property
+    def raw(self) -> bool:
+        return self._raw is not None
+
+    def feed(self, token: int) -> list[Delta]:
+        token = int(token)
+        if self.done:
+            return []
+        if token in self._stops:
+            self.done = True
+            if token == _tok.ENDOFTEXT or self.raw:  # not harmony: ends the text like EOS
+                return self._finish()
+        if self.raw:
+            return self._raw_text([token])
+        self._since_message.append(token)
+        out = []
+        try:
+            self._parser.process(token)
+        except oh.HarmonyError as e:
+            out = self._fall_back(str(e))
+        else:
+            state = self._parser.state
+            delta = self._parser.last_content_delta
+            if delta and state == oh.StreamState.CONTENT:
+                out.append(self._delta(delta, self._parser.current_channel, self._parser.current_recipient))
+            if state == oh.StreamState.EXPECT_START:
+                out += self._close_message()
+            elif state == oh.StreamState.HEADER and len(self._since_message) > MAX_HEADER_TOKENS:
+                out = self._fall_back(f"a message header longer than {MAX_HEADER_TOKENS} tokens")
+        if self.done:
+            out += self._finish()
+        return out
+
+    def finish(self) -> list[Delta]:
+        """The tokens ended (a length limit, or the caller's stop): flush what is pending. Idempotent."""
+        self.done = True
+        return self._finish()
+
+    def _finish(self) -> list[Delta]:
+        if self._parser is None:
+            return []
+        out = []
+        if not self.raw:
+            try:
+                self._parser.process_eos()
+            except oh.HarmonyError as e:  # the tokens ended inside a header: show them as text
+                out += self._fall_back(str(e))
+        out += self._raw_flush()
+        self._parser = None
+        return out
+
+    def _delta(self, text: str, channel, recipient) -> Delta:
+        self._emitted += text
+        if recipient not in _NOT_TOOLS:
+            return Delta("tool_call", text, self._message, recipient)
+        return Delta("reasoning" if channel == "analysis" else "content", text, self._message)
+
+    def _close_message(self) -> list[Delta]:
+        """A message ended; the lenient parser may have taken text it never reported as a delta
+        (a header closed by <|return|>): report the rest."""
+        m = self._parser.messages[-1]
+        text = "".join(c.text for c in m.content if isinstance(c, oh.TextContent))
+        rest = text[len(self._emitted):] if text.startswith(self._emitted) else ""
+        out = [self._delta(rest, m.channel, m.recipient)] if rest else []
+        if m.recipient not in _NOT_TOOLS:
+            self.tool_calls.append(ToolCall(m.recipient, text, m.channel, m.content_type))
+        self._since_message, self._emitted = [], ""
+        self._message += 1
+        return out
+
+    def _fall_back(self, why: str) -> list[Delta]:
+        """From the message being parsed on (only its header was read: nothing of it was reported),
+        the output is raw text."""
+        self.error = why
+        self._raw = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending, self._since_message = self._since_message, []
+        return self._raw_text([t for t in pending if t not in self._stops])
+
+    def _raw_text(self, tokens) -> list[Delta]:
+        text = self._raw.decode(b"".join(self._tok.decode_single_token_bytes(t) for t in tokens))
+        return [Delta("content", text, self._message)] if text else []
+
+    def _raw_flush(self) -> list[Delta]:
+        if self._raw is None:
+            return []
+        text = self._raw.decode(b"", final=True)
+        return [Delta("content", text, self._message)] if text else []

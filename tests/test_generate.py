@@ -196,11 +196,29 @@ def test_cli_generate_raw_matches_the_api(full_vocab_ckpt):
     assert r.stdout.strip() == enc.decode(toks).strip()
 
 
+def test_cli_generate_shows_a_random_model_its_raw_text(full_vocab_ckpt):
+    """A random model does not speak harmony: the reply is its raw text (it used to print nothing)."""
+    from gptoss_jax.harmony import render_prompt
+    from gptoss_jax.tokenizer import load_tokenizer
+
+    r = run_cli("generate", "--model", full_vocab_ckpt, "--prompt", "Hello world", "--max-tokens", "6",
+                "--temperature", "0", "--reasoning-effort", "low")
+    assert r.returncode == 0, r.stderr
+    m = load_model(full_vocab_ckpt, dtype="bfloat16", kernels="xla", progress=False)
+    prompt = render_prompt([{"role": "user", "content": "Hello world"}], reasoning_effort="low")
+    want = generate(m, [prompt], max_new_tokens=6, temperature=0)
+    toks = [t for t in want.tokens[0][:want.lengths[0]] if t not in m.generation_defaults.stop_tokens]
+    text = load_tokenizer().decode(toks)
+    assert text.strip() and r.stdout.strip() == text.strip()
+    assert "not valid harmony" in r.stderr
+
+
 def test_cli_chat_runs_turns(full_vocab_ckpt):
     r = run_cli("chat", "--model", full_vocab_ckpt, "--max-tokens", "4", "--reasoning-effort", "low",
                 stdin="hi\nhow are you\n\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("gpt-oss> ") == 2
+    replies = r.stdout.split("gpt-oss> ")[1:]
+    assert len(replies) == 2 and all(reply.strip() for reply in replies)
 
 
 def test_cli_reports_bad_model_path():

@@ -1,0 +1,71 @@
+"""`gptoss-jax serve`: load, compile, listen (one line per stage on stderr)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+
+from ..engine import Engine, SamplingParams
+from .app import ServerConfig, create_app
+from .protocol import MAX_TOP_LOGPROBS_CHAT
+
+API_KEY_ENV = "GPTOSS_API_KEY"
+
+
+def served_name(model: str) -> str:
+    """The name clients use: a Hub id as given, a folder by its base name."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def warm_up(engine: Engine) -> None:
+    """Compile the decode step and the smallest prefill bucket (longer prompts compile their
+    bucket on first use) before the server says it is healthy."""
+    engine.add_request([0], SamplingParams(max_tokens=2, temperature=0.0, stop_token_ids=()), request_id="warm-up")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket (port 0: a free one), bound before uvicorn starts so the port is known."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, mesh: str | None = None,
+          kernels: str = "auto", dtype: str = "bfloat16", api_key: str | None = None, **server_kw) -> None:
+    import uvicorn
+
+    from ..api import load_model
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    sock = bind(host, port)  # a taken port fails now, not after a long load
+    mesh_obj = None
+    if mesh:
+        from ..sharding import make_mesh, parse_mesh
+        mesh_obj = make_mesh(**parse_mesh(mesh))
+    t = time.perf_counter()
+    say(f"loading {model} ...")
+    m = load_model(model, dtype=dtype, mesh=mesh_obj, kernels=kernels, progress=False)
+    if max_len > m.config.max_position_embeddings:
+        raise ValueError(f"--max-len {max_len} exceeds the model's context of {m.config.max_position_embeddings}")
+    engine = Engine(m, max_seqs=max_seqs, max_len=max_len, prefill_chunk=prefill_chunk,
+                    top_logprobs=MAX_TOP_LOGPROBS_CHAT)
+    say(f"compiling (max_seqs={max_seqs}, max_len={max_len}, kernels={m.kernels}) ...")
+    warm_up(engine)
+    app = create_app(engine, ServerConfig(served_model_name or served_name(model), api_key=api_key, **server_kw))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gptoss_jax.server").setLevel(logging.INFO)
+    h, p = sock.getsockname()[:2]
+    say(f"listening on http://{h}:{p} (model {app.state.gptoss.cfg.model_name!r}, ready in "
+        f"{time.perf_counter() - t:.1f} s{', API key required' if api_key else ''})")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
