@@ -1,5 +1,10 @@
 """gptoss-jax: OpenAI's gpt-oss-20b / gpt-oss-120b in JAX and Flax NNX."""
 
+from .platforms import quiet_native_logs as _quiet_native_logs
+
+with _quiet_native_logs():  # jaxlib's CUDA modules log a line each as they load on a host without CUDA
+    import jax as _jax  # noqa: F401  (first, so that the imports below find it loaded)
+
 from .api import load_model
 from .checkpoint import convert, save_checkpoint, write_random_checkpoint
 from .errors import CheckpointError

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from .platforms import start_jax
+
 
 def _cmd_convert(args):
     from .checkpoint import convert
@@ -53,7 +55,8 @@ def _load(args):
     from .api import load_model
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    return load_model(args.model, dtype=args.dtype, kernels=args.kernels, progress=True)
+    # the progress bar only on a terminal: in a log it is one line of carriage returns
+    return load_model(args.model, dtype=args.dtype, kernels=args.kernels, progress=sys.stderr.isatty())
 
 
 def _check_run_args(args):
@@ -122,6 +125,7 @@ def _cmd_generate(args):
     _check_run_args(args)
     enc = load_tokenizer()
     model = _load(args)
+    print("compiling ...", file=sys.stderr)  # the first tokens wait for prefill and decode to compile
     if args.raw:
         _print_reply(model, enc.encode(args.prompt, allowed_special="all"), args, harmony=False)
     else:
@@ -302,6 +306,8 @@ def main(argv=None):
     Ctrl-C exits 130 (temporary folders are removed on the way out)."""
     args = build_parser().parse_args(argv)
     try:
+        if not getattr(args, "compile_only", False):  # aot pins its compile-only CPU backend itself
+            start_jax()
         args.fn(args)
     except USER_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # one line
