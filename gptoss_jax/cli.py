@@ -250,6 +250,7 @@ def _add_serve_parser(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss-jax", description="gpt-oss in JAX: convert, run, inspect")
+    p.set_defaults(compile_only=False)  # aot's parser sets True
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a released checkpoint (HF folder, original/ folder or Hub id) "
@@ -306,7 +307,7 @@ def main(argv=None):
     Ctrl-C exits 130 (temporary folders are removed on the way out)."""
     args = build_parser().parse_args(argv)
     try:
-        if not getattr(args, "compile_only", False):  # aot pins its compile-only CPU backend itself
+        if not args.compile_only:  # aot pins its compile-only CPU backend itself
             start_jax()
         args.fn(args)
     except USER_ERRORS as e:

@@ -207,6 +207,32 @@ BAD = [
 ]
 
 
+def test_top_logprobs_are_the_best_tokens_of_the_raw_logits(model):
+    """Engine(top_logprobs=5): each token also reports the 5 most likely (id, logprob) pairs, the
+    log-softmax of the model's logits at that position (here from one full forward pass)."""
+    ids = prompt(CFG.vocab_size, 20, seed=9)
+    eng = Engine(model, **ENGINE, top_logprobs=5)
+    p = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(), logprobs=True, top_logprobs=3)
+    eng.check_request(ids, p)  # checks only: nothing queued
+    assert eng.num_waiting_requests() == 0
+    eng.add_request(ids, p, request_id="t")
+    assert eng.num_waiting_requests() == 1
+    toks, tops = [], []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            toks += o.new_token_ids
+            tops += o.top_logprobs
+    assert toks == solo(model, ids, 6, temperature=0.0)[0] and len(tops) == 6
+    seq = np.asarray([ids + toks[:-1]], np.int32)
+    lp = np.asarray(jax.nn.log_softmax(model(seq)[0, len(ids) - 1:], axis=-1))
+    for i, top in enumerate(tops):
+        want = np.argsort(-lp[i])[:3]
+        assert [t for t, _ in top] == want.tolist() and top[0][0] == toks[i]
+        np.testing.assert_allclose([v for _, v in top], lp[i][want], atol=1e-4)
+    with pytest.raises(ValueError, match="top_logprobs"):
+        eng.add_request(ids, SamplingParams(max_tokens=2, top_logprobs=6))
+
+
 def test_bad_input_raises_and_the_engine_keeps_serving(model):
     ids = prompt(CFG.vocab_size, 15, seed=3)
     eng = Engine(model, **ENGINE)
