@@ -335,3 +335,68 @@ def test_tool_call_json_from_render_then_parse(tok):
     out = H.parse_completion(ids[prev + 2 : start], encodings_base=VOCAB_DIR)
     (call,) = out.tool_calls
     assert call.name == "get_weather" and call.json_arguments() == {"location": "Paris"}
+
+
+# ---- CompletionDecoder: the one reading of a completion (CLI and server) ------------------------
+def decode_all(tokens, **kw):
+    d = H.CompletionDecoder(VOCAB_DIR, **kw)
+    pieces = [p for t in tokens for p in d.feed(t)] + d.finish()
+    return pieces, d
+
+
+def joined(pieces, kind):
+    return "".join(p.text for p in pieces if p.kind == kind)
+
+
+def test_decoder_reads_reasoning_answer_and_tool_calls_as_openai_harmony(tok, ref):
+    text = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+            'to=functions.get_weather <|constrain|>json<|message|>{"location": "Paris"}<|call|>')
+    ids = tok.encode(text, allowed_special="all")
+    pieces, d = decode_all(ids)
+    msgs = ref.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)
+    assert joined(pieces, "reasoning") == msgs[0].content[0].text
+    assert joined(pieces, "tool_call") == msgs[1].content[0].text
+    assert [(c.recipient, c.arguments) for c in d.tool_calls] == [(msgs[1].recipient, msgs[1].content[0].text)]
+    assert {p.message for p in pieces if p.kind == "tool_call"} == {1} and d.error is None and d.done
+    # fed one token at a time, or all at once: the same pieces
+    ans = tok.encode("<|channel|>final<|message|>Sunny, 21 °C.<|return|>ignored", allowed_special="all")
+    pieces, d = decode_all(ans)
+    assert joined(pieces, "content") == "Sunny, 21 °C." and d.error is None
+
+
+@pytest.mark.parametrize("text, why", [
+    ("plain words, no header at all", "EOS while waiting for message header"),
+    ("<|channel|>final<|message|>ok<|end|>then junk", "expecting start token"),
+    (" ".join(map(str, range(100))), "header longer than"),
+])
+def test_decoder_shows_output_that_is_not_harmony_as_its_raw_text(tok, text, why):
+    """Never dropped: from the message that went wrong on, the raw text (as tiktoken decodes it)."""
+    ids = tok.encode(text, allowed_special="all")
+    pieces, d = decode_all(ids)
+    assert why in d.error
+    good = "ok" if text.startswith("<|channel|>") else ""
+    assert joined(pieces, "content") == good + tok.decode(ids)[len("<|channel|>final<|message|>ok<|end|>") if good else 0:]
+
+
+def test_decoder_raw_mode_is_incremental_utf8(tok):
+    ids = tok.encode("héllo wörld ✓ 日本語", allowed_special="all")
+    pieces, d = decode_all(ids, harmony=False, stop_tokens=())
+    assert joined(pieces, "content") == "héllo wörld ✓ 日本語" and all("\ufffd" not in p.text for p in pieces)
+
+
+def test_stop_strings_are_cut_even_across_tokens(tok):
+    """The server's reading: a stop string split over several deltas is never shown, in part or whole."""
+    from gptoss_jax.engine import RequestOutput
+    from gptoss_jax.server.present import Choice
+
+    ids = tok.encode("<|channel|>final<|message|>one two three four<|return|>", allowed_special="all")
+    for stop, want in ((["o thr"], "one tw"), (["four", "x"], "one two three "), (["nope"], "one two three four")):
+        c = Choice(0, True, stop, tok)
+        shown = []
+        for t in ids:  # one token per engine output
+            shown += c.feed(RequestOutput(0, [t]))
+            if c.stopped:
+                break
+        shown += c.end()
+        assert joined(shown, "content") == want == c.content, stop
+        assert c.finish_reason == "stop"
