@@ -16,7 +16,6 @@ ever timed on CPU or in interpret mode.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 # name: (HBM bytes/s, dense bf16 flop/s)

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 STEP = r"""
 import json, os, resource, sys, time

@@ -38,6 +38,26 @@ PARITY_CONFIGS = {
 }
 
 
+def checkpoint_fixtures(cfg, name: str, seed: int, num_shards: int | None = None):
+    """Module-scoped pytest fixtures `(ckpt, model)`: a random checkpoint of `cfg` in the released
+    layout and its float32 XLA model. Assign them at module level: `ckpt, model = checkpoint_fixtures(...)`."""
+    import pytest
+
+    from gptoss_jax import load_model, write_random_checkpoint
+
+    @pytest.fixture(scope="module")
+    def ckpt(tmp_path_factory):
+        path = str(tmp_path_factory.mktemp(name) / "hf")
+        write_random_checkpoint(cfg, path, num_shards=num_shards, seed=seed, progress=False)
+        return path
+
+    @pytest.fixture(scope="module")
+    def model(ckpt):
+        return load_model(ckpt, dtype="float32", kernels="xla", progress=False)
+
+    return ckpt, model
+
+
 def subprocess_env() -> dict:
     """Environment for a test subprocess that sets its own CPU device count (tests/*_checks.py)."""
     here = os.path.join(REPO, "tests")

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import gptoss_jax as gj
-from gptoss_jax import load_model, write_random_checkpoint
+from gptoss_jax import load_model
 from gptoss_jax.engine import Engine, SamplingParams
 from gptoss_jax.generate import generate
 
 from engine_helpers import greedy_schedule, prompt, run_schedule, sampled_requests
-from helpers import run_two_processes, subprocess_env, tiny_config
+from helpers import checkpoint_fixtures, run_two_processes, subprocess_env, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = tiny_config(num_key_value_heads=4)  # window 16; 4 kv heads split over model=2 in the mesh runs
@@ -26,16 +26,7 @@ CHUNK = ENGINE["prefill_chunk"]
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("engine") / "hf")
-    write_random_checkpoint(CFG, path, num_shards=2, seed=13, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt, dtype="float32", kernels="xla", progress=False)
+ckpt, model = checkpoint_fixtures(CFG, "engine", seed=13, num_shards=2)
 
 
 _SOLO = {}

@@ -13,21 +13,12 @@ from gptoss_jax import load_model, write_random_checkpoint
 from gptoss_jax.generate import generate, generate_stream
 from gptoss_jax.model import KVCache
 
-from helpers import REPO, hf_reference, random_ids, tiny_config
+from helpers import REPO, checkpoint_fixtures, hf_reference, random_ids, tiny_config
 
 CFG = tiny_config()  # window 16: prompts of 40 tokens wrap the ring buffer
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gen") / "hf")
-    write_random_checkpoint(CFG, path, num_shards=2, seed=11, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt, dtype="float32", kernels="xla", progress=False)
+ckpt, model = checkpoint_fixtures(CFG, "gen", seed=11, num_shards=2)
 
 
 def log_softmax(x):

@@ -20,13 +20,13 @@ import openai
 import pytest
 import uvicorn
 
-from gptoss_jax import Engine, SamplingParams, generate, load_model, write_random_checkpoint
+from gptoss_jax import Engine, generate
 from gptoss_jax.harmony import render_prompt, stop_token_ids
 from gptoss_jax.server import ServerConfig, create_app
 from gptoss_jax.server.run import bind, warm_up
 from gptoss_jax.tokenizer import load_tokenizer
 
-from helpers import REPO, subprocess_env, tiny_config
+from helpers import REPO, checkpoint_fixtures, subprocess_env, tiny_config
 
 CFG = tiny_config(vocab_size=201088)
 ENGINE = dict(max_seqs=4, max_len=256, prefill_chunk=64, top_logprobs=5)
@@ -56,16 +56,7 @@ def running(engine, **cfg):
         assert not thread.is_alive(), "the server did not stop"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("serve") / "hf")
-    write_random_checkpoint(CFG, path, seed=5, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt, dtype="float32", kernels="xla", progress=False)
+ckpt, model = checkpoint_fixtures(CFG, "serve", seed=5)
 
 
 @pytest.fixture(scope="module")

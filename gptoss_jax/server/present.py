@@ -3,8 +3,7 @@ strings, logprobs) for both the streaming and the whole reply, so the two always
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..engine import RequestOutput
 from ..harmony import CompletionDecoder, Delta
@@ -158,7 +157,6 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
     reasoning_tokens: int = 0
-    created: int = field(default_factory=lambda: int(time.time()))
 
     def chat(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -169,3 +167,72 @@ class Usage:
                 "output_tokens": self.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class OutputItems:
+    """Pieces -> Responses output items (reasoning, message, function_call) and their stream events."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+        self._open: tuple | None = None  # (kind, message) of the item being written
+
+    def feed(self, p) -> list[tuple[str, dict]]:
+        ev = []
+        if self._open != (p.kind, p.message):
+            ev += self.close()
+            ev += self._start(p)
+        item, i = self.items[-1], len(self.items) - 1
+        if p.kind == "reasoning":
+            item["content"][0]["text"] += p.text
+            ev.append(("response.reasoning_text.delta", dict(item_id=item["id"], output_index=i, content_index=0,
+                                                              delta=p.text)))
+        elif p.kind == "content":
+            item["content"][0]["text"] += p.text
+            ev.append(("response.output_text.delta", dict(item_id=item["id"], output_index=i, content_index=0,
+                                                           delta=p.text, logprobs=[])))
+        else:
+            item["arguments"] += p.text
+            ev.append(("response.function_call_arguments.delta", dict(item_id=item["id"], output_index=i,
+                                                                       delta=p.text)))
+        return ev
+
+    def _start(self, p) -> list[tuple[str, dict]]:
+        self._open = (p.kind, p.message)
+        i = len(self.items)
+        if p.kind == "reasoning":
+            item = {"id": new_id("rs_"), "type": "reasoning", "summary": [], "status": "in_progress",
+                    "content": [{"type": "reasoning_text", "text": ""}]}
+            shown = {**item, "content": []}
+            ev = [("response.output_item.added", dict(output_index=i, item=shown))]
+        elif p.kind == "content":
+            item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress",
+                    "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            ev = [("response.output_item.added", dict(output_index=i, item={**item, "content": []})),
+                  ("response.content_part.added", dict(item_id=item["id"], output_index=i, content_index=0,
+                                                       part=dict(item["content"][0])))]
+        else:
+            item = {"id": new_id("fc_"), "type": "function_call", "call_id": new_id("call_"),
+                    "name": tool_name(p.recipient), "arguments": "", "status": "in_progress"}
+            ev = [("response.output_item.added", dict(output_index=i, item=dict(item)))]
+        self.items.append(item)
+        return ev
+
+    def close(self) -> list[tuple[str, dict]]:
+        if self._open is None:
+            return []
+        self._open = None
+        item, i = self.items[-1], len(self.items) - 1
+        item["status"] = "completed"
+        if item["type"] == "reasoning":
+            ev = [("response.reasoning_text.done", dict(item_id=item["id"], output_index=i, content_index=0,
+                                                         text=item["content"][0]["text"]))]
+        elif item["type"] == "message":
+            part = item["content"][0]
+            ev = [("response.output_text.done", dict(item_id=item["id"], output_index=i, content_index=0,
+                                                      text=part["text"], logprobs=[])),
+                  ("response.content_part.done", dict(item_id=item["id"], output_index=i, content_index=0,
+                                                      part=part))]
+        else:
+            ev = [("response.function_call_arguments.done", dict(item_id=item["id"], output_index=i,
+                                                                  arguments=item["arguments"]))]
+        return ev + [("response.output_item.done", dict(output_index=i, item=item))]

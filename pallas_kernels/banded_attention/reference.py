@@ -13,7 +13,6 @@ Conventions (shared with the kernels):
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
