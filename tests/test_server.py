@@ -403,3 +403,16 @@ def test_the_serve_command_starts_quietly_and_serves(ckpt):
     assert [ln.split()[0] for ln in lines if ln.strip()] == ["loading", "compiling", "listening"], log
     assert "Traceback" not in log
     assert re.search(r"prompt=\d+ completion=\d+ ttft=", log), log  # one line per request
+
+
+@pytest.mark.parametrize("args, match", [(["--max-seqs", "0"], "--max-seqs must be >= 1"),
+                                         (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
+                                         (["--port", "70000"], "--port must be in"),
+                                         (["--max-len", "100000"], "exceeds the model's context")])
+def test_bad_serve_options_are_one_line_errors(ckpt, capsys, args, match):
+    from gptoss_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", ckpt, "--port", "0", "--kernels", "xla", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and "Traceback" not in err

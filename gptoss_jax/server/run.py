@@ -9,10 +9,11 @@ import sys
 import time
 
 from ..engine import Engine, SamplingParams
-from .app import ServerConfig, create_app
+from .app import DEFAULT_MAX_WAITING, ServerConfig, create_app
 from .protocol import MAX_TOP_LOGPROBS_CHAT
 
 API_KEY_ENV = "GPTOSS_API_KEY"
+MAX_PORT = 65535
 
 
 def served_name(model: str) -> str:
@@ -40,12 +41,19 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, mesh: str | None = None,
-          kernels: str = "auto", dtype: str = "bfloat16", api_key: str | None = None, **server_kw) -> None:
+          kernels: str = "auto", dtype: str = "bfloat16", api_key: str | None = None,
+          max_waiting: int = DEFAULT_MAX_WAITING) -> None:
     import uvicorn
 
     from ..api import load_model
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    for name, v, least in (("--max-seqs", max_seqs, 1), ("--max-len", max_len, 1),
+                           ("--prefill-chunk", prefill_chunk, 1), ("--max-waiting", max_waiting, 0)):
+        if v < least:  # checked before a long load or download
+            raise ValueError(f"{name} must be >= {least}, got {v}")
+    if not 0 <= port <= MAX_PORT:
+        raise ValueError(f"--port must be in [0, {MAX_PORT}], got {port}")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = bind(host, port)  # a taken port fails now, not after a long load
     mesh_obj = None
@@ -61,7 +69,8 @@ def serve(model: str, *, served_model_name: str | None = None, host: str = "127.
                     top_logprobs=MAX_TOP_LOGPROBS_CHAT)
     say(f"compiling (max_seqs={max_seqs}, max_len={max_len}, kernels={m.kernels}) ...")
     warm_up(engine)
-    app = create_app(engine, ServerConfig(served_model_name or served_name(model), api_key=api_key, **server_kw))
+    app = create_app(engine, ServerConfig(served_model_name or served_name(model), api_key=api_key,
+                                          max_waiting=max_waiting))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gptoss_jax.server").setLevel(logging.INFO)
     h, p = sock.getsockname()[:2]
