@@ -14,7 +14,7 @@ def prompt(vocab_size: int, n: int, seed: int) -> list[int]:
 def run_schedule(eng, schedule: dict, *, max_steps: int = 10_000) -> dict:
     """schedule: {step: [(request_id, prompt, SamplingParams), ...]} added just before that step.
 
-    Returns {request_id: {"tokens", "logprobs", "reason", "first_step", "last_step"}} and, under the
+    Returns {request_id: {"tokens", "logprobs", "top", "reason", "first_step", "last_step"}} and, under the
     key None, {"steps", "max_busy"} (the most slots taken after any step). On several processes only
     process 0 adds; every process runs the same loop (has_unfinished_requests is collective)."""
     import jax
@@ -25,10 +25,11 @@ def run_schedule(eng, schedule: dict, *, max_steps: int = 10_000) -> dict:
             for rid, ids, params in schedule.get(step, ()):
                 eng.add_request(ids, params, request_id=rid)
         for o in eng.step():
-            r = out.setdefault(o.request_id, dict(tokens=[], logprobs=[], reason=None, first_step=step))
+            r = out.setdefault(o.request_id, dict(tokens=[], logprobs=[], top=[], reason=None, first_step=step))
             assert r["reason"] is None, f"{o.request_id} reported after it finished"
             r["tokens"] += o.new_token_ids
             r["logprobs"] += o.logprobs or []
+            r["top"] += o.top_logprobs or []
             r["last_step"] = step
             if o.finished:
                 r["reason"] = o.finish_reason
