@@ -233,7 +233,9 @@ def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache | Pa
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def _deactivate(slots: SlotState, slot):
-    return slots.replace(live=slots.live.at[slot].set(False), temperature=slots.temperature.at[slot].set(0.0))
+    """The slot stops decoding (elementwise, so it runs on a mesh of any axis type)."""
+    off = jnp.arange(slots.live.shape[0]) == slot
+    return slots.replace(live=slots.live & ~off, temperature=jnp.where(off, 0.0, slots.temperature))
 
 
 def lower_decode(model: GptOss, kv: SlotCache | PagedCache):
@@ -266,10 +268,7 @@ class _Request:
     n_out: int = 0
     out: list = dataclasses.field(default_factory=list)  # tokens reported (a preempted request recomputes them)
     kv_len: int = 0  # positions written once everything dispatched has run (paged: pages cover them)
-
-    @property
-    def chunk(self) -> int:
-        return self.p["chunk"]
+    chunk: int = 0  # prefill chunk bucket, set at admission
 
     @property
     def tokens(self) -> np.ndarray:
@@ -486,10 +485,14 @@ class Engine:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= self.top_logprobs:
             raise ValueError(f"top_logprobs must be an integer in [0, {self.top_logprobs}] "
                              f"(Engine(top_logprobs=)), got {k!r}")
-        chunk = min(max(MIN_BUCKET, _next_pow2(n_prompt)), self.prefill_chunk)  # generate's chunking
         return dict(max_tokens=int(sp.max_tokens), temperature=float(temperature), top_p=float(top_p),
                     top_k=0 if sp.top_k is None else min(int(sp.top_k), V), seed=int(sp.seed), stops=stops,
-                    logprobs=bool(sp.logprobs), top_logprobs=int(k), chunk=chunk)
+                    logprobs=bool(sp.logprobs), top_logprobs=int(k))
+
+    def _chunk_bucket(self, n: int) -> int:
+        """Chunk size for n tokens to prefill: generate's cut (the next power of two, at least 16, at
+        most prefill_chunk), so a request without a prefix hit is chunked as generate() chunks it."""
+        return min(max(MIN_BUCKET, _next_pow2(n)), self.prefill_chunk)
 
     # ---- scheduling (host only, process 0 decides) --------------------------------------------
     def _apply(self, journal) -> None:
@@ -542,7 +545,8 @@ class Engine:
         for r in prefilling:
             slot = admitted.get(r.rid, r.slot)
             start = starts.get(r.rid, r.cursor)
-            n = min(r.chunk, len(r.tokens) - start)
+            chunk = self._chunk_bucket(len(r.tokens) - start) if r.rid in admitted else r.chunk
+            n = min(chunk, len(r.tokens) - start)
             if n > budget and chunks:
                 break
             chunks.append((r.rid, slot, start, n))
@@ -611,7 +615,7 @@ class Engine:
         for rid, slot in plan["admit"]:
             r = self._requests[rid]
             self._waiting.remove(rid)
-            r.state, r.slot = "prefill", slot
+            r.state, r.slot, r.chunk = "prefill", slot, self._chunk_bucket(len(r.tokens))
             self._slots[slot] = rid
         if self.pages is not None:
             self._update_tables(plan)
@@ -641,7 +645,9 @@ class Engine:
         for rid, slot, start, snaps in plan["restore"]:
             self._cache = self.kv.restore(self.model, self._cache, self._rep(np.int32(slot)),
                                           self._rep(np.int32(start)), self._rep(np.asarray(snaps, np.int32)))
-            self._requests[rid].cursor = self._requests[rid].kv_len = start
+            r = self._requests[rid]
+            r.cursor = r.kv_len = start
+            r.chunk = self._chunk_bucket(len(r.tokens) - start)
             self.stats["prefix_hit_tokens"] += start
 
     def _run_chunk(self, r: _Request, start: int, n: int, now: _Dispatched) -> None:

@@ -73,3 +73,16 @@ def sampled_requests(vocab_size: int) -> dict:
     return {f"s{i}": (prompt(vocab_size, n, seed=200 + i),
                       SamplingParams(max_tokens=m, stop_token_ids=(), logprobs=True, **kw))
             for i, (n, m, kw) in enumerate(SAMPLED)}
+
+
+# Two requests sharing a 70-token head (the paged cache's prefix reuse), long enough that, on a
+# small pool, the second preempts or waits for the first.
+PREFIX_HEAD = 70
+
+
+def prefix_requests(vocab_size: int) -> dict:
+    """{request_id: (prompt, SamplingParams)}: greedy, the same first 70 tokens."""
+    head = prompt(vocab_size, PREFIX_HEAD, seed=400)
+    return {f"p{i}": (head + prompt(vocab_size, n, seed=401 + i),
+                      SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=(), logprobs=True))
+            for i, n in enumerate((6, 9))}

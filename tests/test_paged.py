@@ -166,13 +166,13 @@ SMALL_PAGES = 24  # per device: 8 slots at max_len would need 128
 
 
 def mixed_requests():
-    """32 requests, prompts 1..99 tokens, max_tokens 1..24, every 4th sampled (seeded), 4 arriving
-    per step: {rid: (prompt, params, arrival step)}."""
+    """32 requests, prompts 17..96 tokens (one prefill bucket: few compiles), max_tokens 1..16,
+    every 4th sampled (seeded), 4 arriving per step: {rid: (prompt, params, arrival step)}."""
     rng = np.random.default_rng(5)
     out = {}
     for i in range(32):
-        n = int(rng.integers(1, 100))
-        m = int(rng.integers(1, 25))
+        n = int(rng.integers(17, 97))
+        m = int(rng.integers(1, 17))
         kw = dict(temperature=0.9, top_p=0.9, seed=i) if i % 4 == 3 else dict(temperature=0.0)
         out[f"m{i}"] = (prompt(V, n, seed=300 + i), SamplingParams(max_tokens=m, stop_token_ids=(), **kw), i // 4)
     return out
@@ -209,18 +209,16 @@ SHARED = prompt(V, 1003, seed=500)  # 125 full pages and 3 tokens
 @pytest.fixture(scope="module")
 def prefix_run(model):
     """One engine: A (shared prefix + 17 tokens) runs; B (shared prefix + 9 others) arrives while A
-    decodes and reuses A's pages; then two 1,000-token strangers fill the pool (evictions), then C
-    (shared prefix + 12 others) with a compile listener on."""
+    decodes and reuses A's pages; B2 (another 9) reuses them with a compile listener on; then two
+    1,000-token strangers fill the pool (evictions), then C (shared prefix + 12 others)."""
     kv_bytes = PagedCache.budget(model, PREFIX["max_seqs"], PREFIX["max_len"], PREFIX_PAGES, page_size=8)
     eng = Engine(model, **PREFIX, kv_cache_bytes=kv_bytes)
     greedy = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(), logprobs=True, top_logprobs=V)
     a, b, c = (SHARED + prompt(V, n, seed=510 + n) for n in (17, 9, 12))
-    out = dict(eng=eng, a=a, b=b, c=c)
+    b2 = SHARED + prompt(V, 9, seed=530)
+    out = dict(eng=eng, a=a, b=b, b2=b2, c=c)
     res = run_schedule(eng, {0: [("a", a, greedy)], 12: [("b", b, greedy)]})  # A's prefill: 8 steps
     out["ab"], out["ab_stats"] = res, dict(eng.stats, **eng.pages.stats)
-    strangers = {0: [(f"x{i}", prompt(V, 1000 + i, seed=520 + i), greedy) for i in range(2)]}
-    out["x"] = run_schedule(eng, strangers)
-    out["x_stats"] = dict(eng.stats, **eng.pages.stats)
     compiled = []
 
     def listener(event, duration, **kw):
@@ -229,17 +227,25 @@ def prefix_run(model):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        out["c_res"] = run_schedule(eng, {0: [("c", c, greedy)]})
+        out["b2_res"] = run_schedule(eng, {0: [("b2", b2, greedy)]})
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    out["c_stats"], out["compiled"] = dict(eng.stats, **eng.pages.stats), compiled
+    out["b2_stats"], out["compiled"] = dict(eng.stats, **eng.pages.stats), compiled
+    strangers = {0: [(f"x{i}", prompt(V, 1000 + i, seed=520 + i), greedy) for i in range(2)]}
+    out["x"] = run_schedule(eng, strangers)
+    out["x_stats"] = dict(eng.stats, **eng.pages.stats)
+    out["c_res"] = run_schedule(eng, {0: [("c", c, greedy)]})
+    out["c_stats"] = dict(eng.stats, **eng.pages.stats)
     return out
 
 
-def full_log_softmax(model, ids, tokens):
-    """log-softmax of one full forward pass (no cache) at the positions that chose `tokens`."""
-    seq = np.asarray([ids + tokens[:-1]], np.int32)
-    return np.asarray(jax.nn.log_softmax(model(seq)[0, len(ids) - 1:], axis=-1))
+def full_log_softmax(model, ids, tokens, width=1040):
+    """log-softmax of one full forward pass (no cache) at the positions that chose `tokens` (the
+    sequence right-padded to `width`: one compile, causal logits unchanged)."""
+    seq = np.zeros((1, width), np.int32)
+    seq[0, :len(ids) + len(tokens) - 1] = ids + tokens[:-1]
+    logits = model(seq)[0, len(ids) - 1:len(ids) - 1 + len(tokens)]
+    return np.asarray(jax.nn.log_softmax(logits, axis=-1))
 
 
 def all_logprobs(r) -> np.ndarray:
@@ -268,22 +274,30 @@ def test_a_shared_1000_token_prefix_reuses_pages_with_the_same_logits(model, pre
         np.testing.assert_allclose(all_logprobs(r[rid]), want, atol=2e-4)
 
 
-def test_eviction_under_pressure_keeps_answers_exact_and_compiles_nothing(model, prefix_run):
+def test_a_prefix_hit_compiles_nothing(model, prefix_run):
+    """B2, another request on the same prefix after B: the same programs (block tables, the hit's
+    length and snapshot pages, lengths are traced values), no compile; its answer exact."""
+    assert prefix_run["compiled"] == [], prefix_run["compiled"]
+    assert prefix_run["b2_stats"]["prefix_hit_tokens"] - prefix_run["ab_stats"]["prefix_hit_tokens"] == 1000
+    r = prefix_run["b2_res"]["b2"]
+    assert r["tokens"] == solo(model, prefix_run["b2"], 12, PREFIX["prefill_chunk"], temperature=0.0)[0]
+
+
+def test_eviction_under_pressure_keeps_answers_exact(model, prefix_run):
     """Two 1,000-token strangers need more pages than are free: cached pages nobody holds are
     evicted, least recently used first (a request's tail before its head, each page with its
     snapshot), so C, sharing A's prefix, finds only part of it (or none) and recomputes the rest,
-    still equal to generate() alone and to the full forward pass; nothing compiled meanwhile
-    (block tables, hits and lengths are traced values)."""
+    still equal to generate() alone and to the full forward pass; every page comes back."""
     x, xs, cs = prefix_run["x"], prefix_run["x_stats"], prefix_run["c_stats"]
     assert xs["evicted_pages"] > 0
     for i in range(2):
         ids = prompt(V, 1000 + i, seed=520 + i)
         assert x[f"x{i}"]["tokens"] == solo(model, ids, 12, PREFIX["prefill_chunk"], temperature=0.0)[0]
     hit = cs["prefix_hit_tokens"] - xs["prefix_hit_tokens"]
+    print(f"C reused {hit} of 1000 prefix positions after {xs['evicted_pages']} evictions")
     assert hit < 1000 and hit % 8 == 0
     c, r = prefix_run["c"], prefix_run["c_res"]["c"]
     assert r["tokens"] == solo(model, c, 12, PREFIX["prefill_chunk"], temperature=0.0)[0]
     np.testing.assert_allclose(all_logprobs(r), full_log_softmax(model, c, r["tokens"]), atol=2e-4)
-    assert prefix_run["compiled"] == [], prefix_run["compiled"]
     eng = prefix_run["eng"]
     assert eng.pages.free_pages() == PREFIX_PAGES and not eng.pages._held
