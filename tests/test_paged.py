@@ -209,8 +209,8 @@ SHARED = prompt(V, 1003, seed=500)  # 125 full pages and 3 tokens
 @pytest.fixture(scope="module")
 def prefix_run(model):
     """One engine: A (shared prefix + 17 tokens) runs; B (shared prefix + 9 others) arrives while A
-    decodes and reuses A's pages; B2 (another 9) reuses them with a compile listener on; then two
-    1,000-token strangers fill the pool (evictions), then C (shared prefix + 12 others)."""
+    decodes and reuses A's pages; B2 (another 9) reuses them with a compile listener on; then a
+    1,000-token stranger needs most of the pool (evictions), then C (shared prefix + 12 others)."""
     kv_bytes = PagedCache.budget(model, PREFIX["max_seqs"], PREFIX["max_len"], PREFIX_PAGES, page_size=8)
     eng = Engine(model, **PREFIX, kv_cache_bytes=kv_bytes)
     greedy = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(), logprobs=True, top_logprobs=V)
@@ -231,7 +231,7 @@ def prefix_run(model):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     out["b2_stats"], out["compiled"] = dict(eng.stats, **eng.pages.stats), compiled
-    strangers = {0: [(f"x{i}", prompt(V, 1000 + i, seed=520 + i), greedy) for i in range(2)]}
+    strangers = {0: [("x0", prompt(V, 1000, seed=520), greedy)]}
     out["x"] = run_schedule(eng, strangers)
     out["x_stats"] = dict(eng.stats, **eng.pages.stats)
     out["c_res"] = run_schedule(eng, {0: [("c", c, greedy)]})
@@ -284,18 +284,17 @@ def test_a_prefix_hit_compiles_nothing(model, prefix_run):
 
 
 def test_eviction_under_pressure_keeps_answers_exact(model, prefix_run):
-    """Two 1,000-token strangers need more pages than are free: cached pages nobody holds are
-    evicted, least recently used first (a request's tail before its head, each page with its
-    snapshot), so C, sharing A's prefix, finds only part of it (or none) and recomputes the rest,
-    still equal to generate() alone and to the full forward pass; every page comes back."""
+    """A 1,000-token stranger (its 126 pages, 125 snapshots) needs more pages than are free: cached
+    pages nobody holds are evicted, least recently used first, a released request's tail before its
+    head, each page just after its snapshot. So C, sharing A's prefix, still finds its head (with the
+    snapshot at its end) and recomputes the rest, equal to generate() alone and to the full forward
+    pass; every page comes back."""
     x, xs, cs = prefix_run["x"], prefix_run["x_stats"], prefix_run["c_stats"]
-    assert xs["evicted_pages"] > 0
-    for i in range(2):
-        ids = prompt(V, 1000 + i, seed=520 + i)
-        assert x[f"x{i}"]["tokens"] == solo(model, ids, 12, PREFIX["prefill_chunk"], temperature=0.0)[0]
+    assert xs["evicted_pages"] - prefix_run["b2_stats"].get("evicted_pages", 0) > 100
+    ids = prompt(V, 1000, seed=520)
+    assert x["x0"]["tokens"] == solo(model, ids, 12, PREFIX["prefill_chunk"], temperature=0.0)[0]
     hit = cs["prefix_hit_tokens"] - xs["prefix_hit_tokens"]
-    print(f"C reused {hit} of 1000 prefix positions after {xs['evicted_pages']} evictions")
-    assert hit < 1000 and hit % 8 == 0
+    assert 0 < hit < 1000 and hit % 8 == 0, hit
     c, r = prefix_run["c"], prefix_run["c_res"]["c"]
     assert r["tokens"] == solo(model, c, 12, PREFIX["prefill_chunk"], temperature=0.0)[0]
     np.testing.assert_allclose(all_logprobs(r), full_log_softmax(model, c, r["tokens"]), atol=2e-4)
