@@ -367,8 +367,8 @@ class Engine:
                 raise ValueError("give kv_cache_bytes or kv_cache_fraction, not both")
             kv_cache_bytes = free_device_bytes(kv_cache_fraction)
             if self._multi:  # every process must size the same pools: process 0's figure
-                kv_cache_bytes = int(np.frombuffer(_broadcast(np.frombuffer(np.int64(kv_cache_bytes).tobytes(), np.uint8),
-                                                              self._source).tobytes(), np.int64)[0])
+                raw = np.frombuffer(np.int64(kv_cache_bytes).tobytes(), np.uint8)
+                kv_cache_bytes = int(np.frombuffer(_broadcast(raw, self._source).tobytes(), np.int64)[0])
         kv = PagedCache.create(self.model, self.max_seqs, self.max_len, page_size=page_size,
                                kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
         return kv, PagePool(kv, prefix_caching), BlockTables(kv)

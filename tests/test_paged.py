@@ -300,3 +300,34 @@ def test_eviction_under_pressure_keeps_answers_exact(model, prefix_run):
     np.testing.assert_allclose(all_logprobs(r), full_log_softmax(model, c, r["tokens"]), atol=2e-4)
     eng = prefix_run["eng"]
     assert eng.pages.free_pages() == PREFIX_PAGES and not eng.pages._held
+
+
+# ---- the deviceless plan (gptoss-jax aot --max-seqs N --kv-cache-gb G) -----------------------------
+@pytest.mark.aot
+def test_aot_reports_the_tokens_a_kv_budget_holds_per_device(tmp_path):
+    """The engine's decode step over a paged cache of 0.05 GB per device compiles for 2 H100s with the
+    slots and pages split over data (2 layers of 20b: one full, one sliding; bf16, 8 kv heads of 64):
+    a page of 128 positions is 256 KiB (k and v; the full layer's pool, which also holds the sliding
+    layer's snapshots), the 4 rings of a device 1 MiB, so (5e7 - 2^20) // 2^18 = 186 pages, 23,808
+    tokens per device; the compiled arguments hold them."""
+    from gptoss_jax import aot
+    from gptoss_jax.config import preset
+    from gptoss_jax.model import abstract_model, count_params
+
+    cfg = preset("gpt-oss-20b").replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    p = aot.plan("h100", str(path), mesh_shape=dict(data=2), batch=1, max_len=1024, max_seqs=8, kv_cache_gb=0.05,
+                 programs=("engine_decode",))
+    text = aot.format_plan(p)
+    print(text)
+    k = p["paged_kv"]
+    assert (k["page_size"], k["pages_per_device"], k["tokens_per_device"]) == (128, 186, 23808)
+    assert k["slots_per_device"] == 4 and k["max_len_sequences_per_device"] == 23
+    assert "23808 tokens per device" in text
+    params = count_params(abstract_model(cfg))[1]
+    kv = 186 * 2 ** 18 + 2 ** 20
+    args = p["programs"]["engine_decode"]["argument_bytes"]
+    assert params + kv <= args < params + kv + 2 ** 20  # + block tables and the slot state
+    with pytest.raises(ValueError, match="kv_cache_gb"):
+        aot.plan("h100", str(path), max_len=1024, kv_cache_gb=0.05, programs=("engine_decode",))

@@ -95,11 +95,15 @@ class PagedKVCache:
         L = self.layout
         return tuple(self.pages_k[p] if p >= 0 else self.rings_k[r] for p, r in zip(L.full_pool, L.ring))
 
-    def _write(self, runtime, pages_PSKH, new_BTKH, tables_BM, n_new_B):
-        return run_on_page_shards(write_pages, runtime.compute_mesh, runtime.rules,
-                                  (pages_PSKH, new_BTKH, tables_BM, self.lengths, n_new_B),
-                                  ("pages", "q", "rows", "rows", "n_new"), "pages",
-                                  pages_axis=self.layout.pages_axis, owner=self.owner)
+    def _written(self, runtime, pool: int, k_BTKH, v_BTKH, tables_BM, n_new_B) -> "PagedKVCache":
+        """The cache with the new tokens' K/V scattered into pool `pool` at the pages of `tables_BM`."""
+        def write(pages_PSKH, new_BTKH):
+            return run_on_page_shards(write_pages, runtime.compute_mesh, runtime.rules,
+                                      (pages_PSKH, new_BTKH, tables_BM, self.lengths, n_new_B),
+                                      ("pages", "q", "rows", "rows", "n_new"), "pages",
+                                      pages_axis=self.layout.pages_axis, owner=self.owner)
+        return self.replace(pages_k=replace_at(self.pages_k, pool, write(self.pages_k[pool], k_BTKH)),
+                            pages_v=replace_at(self.pages_v, pool, write(self.pages_v[pool], v_BTKH)))
 
     def attend(self, layer: int, runtime, q, k, v, sinks, batch: CachedBatch, *, window, sm_scale,
                cache_empty: bool):
@@ -113,29 +117,31 @@ class PagedKVCache:
             new = self.replace(rings_k=replace_at(self.rings_k, r, ring_write(ck, k, self.lengths, n_new)),
                                rings_v=replace_at(self.rings_v, r, ring_write(cv, v, self.lengths, n_new)))
             if p >= 0 and self.snap_tables is not None:
-                new = new.replace(
-                    pages_k=replace_at(new.pages_k, p, self._write(runtime, new.pages_k[p], k, self.snap_tables, n_new)),
-                    pages_v=replace_at(new.pages_v, p, self._write(runtime, new.pages_v[p], v, self.snap_tables, n_new)))
+                new = new._written(runtime, p, k, v, self.snap_tables, n_new)
             if cache_empty:
                 return runtime.attention.prefill(q, k, v, sinks, batch, **kw), new
             slot_pos = ring_positions(self.lengths, ck.shape[1])
             return runtime.attention.decode(q, k, v, ck, cv, sinks, batch, slot_pos, **kw), new
         p = L.full_pool[layer]
-        pk = self._write(runtime, self.pages_k[p], k, self.block_tables, n_new)
-        pv = self._write(runtime, self.pages_v[p], v, self.block_tables, n_new)
-        new = self.replace(pages_k=replace_at(self.pages_k, p, pk), pages_v=replace_at(self.pages_v, p, pv))
+        new = self._written(runtime, p, k, v, self.block_tables, n_new)
         if cache_empty:  # the first chunk: nothing cached yet, as generate()'s first chunk
             return runtime.attention.prefill(q, k, v, sinks, batch, **kw), new
-        return runtime.paged_attention(q, pk, pv, self.block_tables, self.lengths, n_new, sinks, **kw,
-                                       pages_axis=L.pages_axis, owner=self.owner), new
+        return runtime.paged_attention(q, new.pages_k[p], new.pages_v[p], self.block_tables, self.lengths, n_new,
+                                       sinks, **kw, pages_axis=L.pages_axis, owner=self.owner), new
 
     def partition_specs(self, mesh, rules):
         """Rings and per-row arrays: rows over data, kv heads over model; pools: pages over the
         slots' axis when split, kv heads over model."""
         pool_axes = ("batch" if self.layout.n_shards > 1 else None, None, "kv_heads", None)
-        ring = lambda a: rules.spec(rules.cache, a.shape, mesh)  # noqa: E731
-        pool = lambda a: rules.spec(pool_axes, a.shape, mesh)  # noqa: E731
-        rows = lambda a: None if a is None else rules.spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)  # noqa: E731
+        def ring(a):
+            return rules.spec(rules.cache, a.shape, mesh)
+
+        def pool(a):
+            return rules.spec(pool_axes, a.shape, mesh)
+
+        def rows(a):
+            return None if a is None else rules.spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)
+
         return self.replace(rings_k=tuple(map(ring, self.rings_k)), rings_v=tuple(map(ring, self.rings_v)),
                             pages_k=tuple(map(pool, self.pages_k)), pages_v=tuple(map(pool, self.pages_v)),
                             lengths=rows(self.lengths), block_tables=rows(self.block_tables),
@@ -215,7 +221,8 @@ class PagedCache:
         if kv_cache_bytes is None:
             pages = g.slots_per_shard * g.blocks
         else:
-            if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, (int, np.integer)) or kv_cache_bytes < 1:
+            bad = isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, (int, np.integer))
+            if bad or kv_cache_bytes < 1:
                 raise ValueError(f"kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
             pages = (int(kv_cache_bytes) - g.ring_bytes) // g.page_bytes if g.page_bytes else g.blocks
             if pages < g.blocks:
