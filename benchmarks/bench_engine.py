@@ -15,10 +15,12 @@ tokens at once, so its first token arrives when the call returns). The Poisson s
 its measured durations. Compiles are excluded (warm-up on every shape). Measured on whatever JAX
 device is present: on CPU, label the figures as CPU figures.
 
-Capacity: a KV budget of `--kv-slots` contiguous rows of max_len positions; the slot engine holds
-that many sequences, the paged engine (4x the slots, the same bytes in pages of 128) as many as their
-real lengths fit, preempting when they grow past the pool. Both serve `--capacity-requests` of the
-same mix at once; reported: mean and peak sequences decoding together, tokens/s, preemptions.
+Capacity: a server's context limit (`--capacity-max-len`, 8192) is far above most requests' lengths.
+A KV budget of `--kv-slots` contiguous rows of that length: the slot engine holds that many sequences
+whatever their lengths, the paged engine (8x the slots, the same bytes in pages of 128, rings included)
+as many as their real lengths fit, preempting when they outgrow the pool. Both serve
+`--capacity-requests` of the same mix at once; reported: mean sequences decoding together, peak
+sequences in slots, tokens/s, preemptions.
 Prefix: requests of one 2048-token prefix + 32 own tokens, one at a time, max_tokens 1 (the time to
 first token is the prefill); the prefix cache prefills only the 32 (+ up to a page) after the first.
 """
@@ -180,17 +182,19 @@ def held(eng, reqs, tag):
                 preemptions=d.get("preemptions", 0), wall_s=wall)
 
 
+PAGED_SLOTS = 8  # capacity: the paged engine's slots per contiguous row of the budget
+
+
 def bench_capacity(model, args):
     """Sequences held at a fixed KV budget: `kv_slots` contiguous rows vs pages of the same bytes."""
     from gptoss_jax import Engine
 
-    max_len = args.max_prompt + args.max_new
+    max_len = args.capacity_max_len
     budget = args.kv_slots * kv_row_bytes(model, max_len)
     reqs = request_mix(args.capacity_requests, model.config.vocab_size, args.max_prompt, args.max_new, seed=2)
-    engines = {"slot rows": Engine(model, max_seqs=args.kv_slots, max_len=max_len, prefill_chunk=args.prefill_chunk,
-                                   paged=False),
-               "paged": Engine(model, max_seqs=4 * args.kv_slots, max_len=max_len, prefill_chunk=args.prefill_chunk,
-                               kv_cache_bytes=budget)}
+    common = dict(max_len=max_len, prefill_chunk=args.prefill_chunk)
+    engines = {"slot rows": Engine(model, max_seqs=args.kv_slots, paged=False, **common),
+               "paged": Engine(model, max_seqs=PAGED_SLOTS * args.kv_slots, kv_cache_bytes=budget, **common)}
     out = {}
     for name, eng in engines.items():
         warm_up(model, eng, reqs, args.prefill_chunk, baseline=False)
@@ -238,6 +242,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--sections", default="throughput,capacity,prefix")
     ap.add_argument("--kv-slots", type=int, default=4, help="capacity: the KV budget in contiguous max_len rows")
+    ap.add_argument("--capacity-max-len", type=int, default=8192, help="capacity: the engines' max_len")
     ap.add_argument("--capacity-requests", type=int, default=32)
     ap.add_argument("--prefix-requests", type=int, default=5, help="prefix: measured requests (after 2 warm-up)")
     ap.add_argument("--json", action="store_true")
@@ -263,7 +268,7 @@ def main():
               f"= {c['pages']} pages of 128 ({label})")
         print(f"{'cache':<12}{'slots':>6}{'mean held':>10}{'peak held':>10}{'out tok/s':>10}{'preempted':>10}")
         for name, r in (("slot rows", s), ("paged", p)):
-            slots = args.kv_slots * (4 if name == "paged" else 1)
+            slots = args.kv_slots * (PAGED_SLOTS if name == "paged" else 1)
             print(f"{name:<12}{slots:>6}{r['mean']:>10.2f}{r['peak']:>10}{r['tokens_per_s']:>10.1f}{r['preemptions']:>10}")
         print(f"sequences held, paged / slot rows: {p['mean'] / s['mean']:.2f}x mean, {p['peak'] / s['peak']:.2f}x peak; "
               f"throughput {p['tokens_per_s'] / s['tokens_per_s']:.2f}x ({label})")

@@ -179,25 +179,28 @@ def mixed_requests():
 
 
 def test_32_requests_through_a_too_small_pool_equal_their_solo_runs(model):
-    """8 slots, 24 pages of 8 positions (a third of what 8 slots of 128 positions need): requests
+    """8 slots, 24 pages of 8 positions (a fifth of what 8 slots of 128 positions need): requests
     wait for pages, decoding requests that run out preempt the youngest (recomputed later from
-    prompt + generated tokens, their own prompt pages often still cached); every greedy and every
-    seeded request equals generate() on its prompt alone, and every page comes back."""
+    prompt + generated tokens); every greedy and every seeded request equals generate() on its
+    prompt alone, with 1 or 4 decode steps per dispatch, and every page comes back."""
     reqs = mixed_requests()
     kv_bytes = PagedCache.budget(model, SMALL["max_seqs"], SMALL["max_len"], SMALL_PAGES, page_size=8)
-    eng = Engine(model, **SMALL, kv_cache_bytes=kv_bytes)
-    assert eng.kv.layout.pages_per_shard == SMALL_PAGES
     sched = {}
     for rid, (ids, p, at) in reqs.items():
         sched.setdefault(at, []).append((rid, ids, p))
-    res = run_schedule(eng, sched)
-    for rid, (ids, p, _) in reqs.items():
-        kw = dict(temperature=p.temperature, top_p=p.top_p, seed=p.seed)
-        assert res[rid]["tokens"] == solo(model, ids, p.max_tokens, SMALL["prefill_chunk"], **kw)[0], rid
-        assert res[rid]["reason"] == "length"
-    assert eng.stats["preemptions"] >= 3, eng.stats
-    assert eng.pages.free_pages() == SMALL_PAGES and not eng.pages._held
-    assert eng.num_free_slots() == SMALL["max_seqs"]
+    # one decode step per dispatch with the host one step behind; 4 per dispatch (4 positions of
+    # pages a step), each step waiting for its own tokens
+    for overlap, steps in ((True, 1), (False, 4)):
+        eng = Engine(model, **SMALL, kv_cache_bytes=kv_bytes, overlap=overlap, decode_steps=steps)
+        assert eng.kv.layout.pages_per_shard == SMALL_PAGES
+        res = run_schedule(eng, sched)
+        for rid, (ids, p, _) in reqs.items():
+            kw = dict(temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+            assert res[rid]["tokens"] == solo(model, ids, p.max_tokens, SMALL["prefill_chunk"], **kw)[0], (steps, rid)
+            assert res[rid]["reason"] == "length"
+        assert eng.stats["preemptions"] >= 3, (steps, eng.stats)
+        assert eng.pages.free_pages() == SMALL_PAGES and not eng.pages._held
+        assert eng.num_free_slots() == SMALL["max_seqs"]
 
 
 # ---- prefix caching ------------------------------------------------------------------------------
