@@ -133,6 +133,7 @@ class PagedKVCache:
         """Rings and per-row arrays: rows over data, kv heads over model; pools: pages over the
         slots' axis when split, kv heads over model."""
         pool_axes = ("batch" if self.layout.n_shards > 1 else None, None, "kv_heads", None)
+
         def ring(a):
             return rules.spec(rules.cache, a.shape, mesh)
 
