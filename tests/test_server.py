@@ -408,7 +408,7 @@ def test_the_serve_command_starts_quietly_and_serves(ckpt):
 @pytest.mark.parametrize("args, match", [(["--max-seqs", "0"], "--max-seqs must be >= 1"),
                                          (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
                                          (["--port", "70000"], "--port must be in"),
-                                         (["--max-len", "100000"], "exceeds the model's context")])
+                                         (["--max-len", str(CFG.max_position_embeddings + 1)], "exceeds the model's context")])
 def test_bad_serve_options_are_one_line_errors(ckpt, capsys, args, match):
     from gptoss_jax.cli import main
 
