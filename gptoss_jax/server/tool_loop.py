@@ -177,14 +177,14 @@ class ResponseRun:
     def __init__(self, job: Job, *, start, events, toolbox: Toolbox | None, conversation: str, max_len: int):
         self.job, self._start, self._events = job, start, events
         self.toolbox, self.conversation, self.max_len = toolbox, conversation, max_len
-        self.names: list[str] = job.extra.get("builtin", [])
-        self.max_calls: int = job.extra.get("max_tool_calls", 0)
+        self.names: list[str] = job.extra["builtin"]
+        self.max_calls: int = job.extra["max_tool_calls"]
         self.usage = Usage(len(job.prompt))
         self.incomplete: str | None = None  # why the response stopped short
         self.client_left = False
         self.items = ToolOutputItems(self._route, self._cite, f"cntr_{conversation}")
         first = job.params[0]
-        forced = job.extra.get("forced_builtin")
+        forced = job.extra["forced_builtin"]
         self._first = force_builtin(first, forced, toolbox) if forced else first  # before any event: a 400
 
     def _route(self, recipient: str | None) -> str | None:

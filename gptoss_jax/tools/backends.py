@@ -16,6 +16,7 @@ browser opens.
 from __future__ import annotations
 
 import abc
+import importlib.util
 import ipaddress
 import os
 import posixpath
@@ -243,10 +244,8 @@ class HttpBackend(Backend):
     def __init__(self, *, search_api_key: str | None = None, search_url: str = BRAVE_SEARCH_URL,
                  allow_private: bool = False, timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
                  max_bytes: int = DEFAULT_MAX_FETCH_BYTES, source: str = "web"):
-        try:
-            import httpx  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("the web browser backend needs httpx: pip install 'gptoss-jax[tools]'") from e
+        if importlib.util.find_spec("httpx") is None:
+            raise RuntimeError("the web browser backend needs httpx: pip install 'gptoss-jax[tools]'")
         self.search_api_key = search_api_key or os.environ.get(SEARCH_API_KEY_ENV) or None
         self.search_url, self.allow_private = search_url, allow_private
         self.timeout_s, self.max_bytes, self.source = timeout_s, max_bytes, source

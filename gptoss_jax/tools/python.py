@@ -21,6 +21,7 @@ sandbox. What it does bound:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import queue
@@ -44,6 +45,9 @@ DEFAULT_STARTUP_TIMEOUT_S = 60.0
 POLL_S = 0.2  # how often a running call checks that its kernel lives
 MOUNT = "/mnt/data"  # the harmony python tool's drive, as the model was trained to use it
 ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+# RLIMIT_AS counts reserved address space: malloc arenas (64 MiB per thread) and a BLAS buffer per core
+# would spend it on a many-core host before the code allocates anything
+KERNEL_THREADS = dict(MALLOC_ARENA_MAX="2", OPENBLAS_NUM_THREADS="4", OMP_NUM_THREADS="4", MKL_NUM_THREADS="4")
 KERNEL_NAME = "gptoss-python"
 # The kernel's launcher: the memory limit, then ipykernel, without the working folder on sys.path (a
 # file the model wrote there must not shadow a module).
@@ -57,12 +61,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def _require_jupyter():
-    try:
-        import ipykernel  # noqa: F401
-        import jupyter_client  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(f"the python tool needs jupyter_client and ipykernel ({e}): "
-                           f"pip install 'gptoss-jax[tools]'") from e
+    missing = [m for m in ("jupyter_client", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"the python tool needs {' and '.join(missing)}: pip install 'gptoss-jax[tools]'")
 
 
 class _Capped:
@@ -142,7 +143,7 @@ class PythonSession(ToolSession):
 
     def __init__(self, tool: PythonTool):
         self.tool = tool
-        self.root = tempfile.mkdtemp(prefix="gptoss-python-")
+        self.root = os.path.realpath(tempfile.mkdtemp(prefix="gptoss-python-"))  # as the kernel's getcwd() says
         self.data = os.path.join(self.root, "data")
         for d in ("data", "home", "tmp"):
             os.mkdir(os.path.join(self.root, d))
@@ -159,7 +160,7 @@ class PythonSession(ToolSession):
         """The kernel's whole environment: allow-listed variables only, home and temp in the session."""
         env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
         env.update(HOME=os.path.join(self.root, "home"), TMPDIR=os.path.join(self.root, "tmp"),
-                   PYTHONNOUSERSITE="1", MPLBACKEND="Agg")
+                   PYTHONNOUSERSITE="1", MPLBACKEND="Agg", **KERNEL_THREADS)
         return env
 
     def _start(self) -> None:
