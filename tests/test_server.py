@@ -36,9 +36,10 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @contextlib.contextmanager
-def running(engine, **cfg):
-    """A uvicorn serving `engine` on a free 127.0.0.1 port, in a thread; stopped on exit."""
-    app = create_app(engine, ServerConfig(NAME, **cfg))
+def running(engine, toolbox=None, **cfg):
+    """A uvicorn serving `engine` (and `toolbox`'s built-in tools) on a free 127.0.0.1 port, in a thread;
+    stopped on exit."""
+    app = create_app(engine, ServerConfig(NAME, **cfg), toolbox)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
