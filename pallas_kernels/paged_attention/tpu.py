@@ -1,0 +1,190 @@
+"""TPU variant: Pallas Mosaic TPU kernel, block tables through scalar prefetch.
+
+Grid (B, NQ): one program per row and block of BQ queries, holding all K kv heads; q is folded
+per kv head to [B, K, Tp*G, H] (rows r = t*G + g) so one program's (BQ*G, H) tile per kv head
+carries every query head that shares it, and each K/V page DMA'd into VMEM feeds all G heads.
+
+q_start, n_new, the block table (flattened to [B*M]: a 2-D SMEM array pads its minor dim to 128
+words) and the sinks are scalar-prefetched into SMEM. The page pools stay in HBM
+(``memory_space=pl.ANY``); the kernel walks the row's visible pages [pg_lo, pg_hi) (window start
+to last key, ``common.page_range``) in steps of R pages with a dynamic-length ``fori_loop`` and
+double-buffered manual DMAs: step j + 1's pages are in flight while step j is computed. Only
+pages of the range are copied (a copy per page, started and waited under the same
+``pl.when``), so pages outside [window start, last key] and unused block-table entries are
+never read, and a row without valid queries costs no DMA at all; no grid step exists for
+pages past a row's length (the work follows the real lengths, not M).
+
+Each step runs the flash-attention recurrence over its R*S keys for every kv head (statically
+unrolled): MMA operands in the input dtype (bf16 on the MXU), running max / denominator /
+accumulator in f32 VMEM scratch initialised with the sink (m = sink, l = 1). Keys past the
+block's last query position (the page tail, stale buffer slots) are masked and their V rows
+zeroed; rows t >= n_new come out as exact zeros.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from ..banded_attention.tpu import _online_softmax_update
+from . import common
+
+_NEG = -1e30
+ROWS_PER_BLOCK = 256  # folded query rows per program and kv head (chunks of T > 1)
+
+
+def tiling(t_len: int, groups: int, page_size: int, window: int | None, max_pages: int
+           ) -> tuple[int, int]:
+  """(BQ, R): BQ queries per program (all T when T*G <= 256, else a multiple of 8 so that the
+  folded row block is sublane aligned) and R pages per DMA step: ~512 keys for decode-sized
+  row blocks, ~256 next to 256 rows (VMEM: a (S, 8, 64) bf16 page occupies (16, 128) tiles),
+  at most the pages one block can see."""
+  if t_len * groups <= ROWS_PER_BLOCK:
+    bq = t_len
+  else:
+    bq = max(8, ROWS_PER_BLOCK // groups // 8 * 8)
+  keys = 512 if bq * groups <= 64 else 256
+  r = max(1, keys // page_size)
+  return bq, max(1, min(r, common.max_pages_spanned(bq, window, page_size, max_pages)))
+
+
+def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems,
+            m_sc, l_sc, acc_sc, *, scale, window, block_q, groups, n_kv_heads, t_len,
+            page_size, pages_per_step, max_pages):
+  b, i = pl.program_id(0), pl.program_id(1)
+  g, S, R = groups, page_size, pages_per_step
+  rows = block_q * g
+  qs = qs_ref[b]
+  nn = jnp.minimum(nn_ref[b], t_len)
+  t0 = i * block_q
+  _, k_hi = common.key_range(qs, nn, t0, block_q=block_q, window=window)
+  pg_lo, pg_hi = common.page_range(qs, nn, t0, block_q=block_q, window=window, page_size=S,
+                                   max_pages=max_pages)
+  n_steps = lax.div(pg_hi - pg_lo + R - 1, R)
+
+  def copies(step, slot):
+    """(in range, K copy, V copy) of each of the R pages of `step` into buffer `slot`."""
+    out = []
+    for r in range(R):
+      lp = pg_lo + step * R + r
+      phys = bt_ref[b * max_pages + jnp.clip(lp, 0, jnp.maximum(pg_hi - 1, 0))]
+      dst = pl.ds(r * S, S)
+      out.append((lp < pg_hi,
+                  pltpu.make_async_copy(k_hbm.at[phys], kbuf.at[slot, dst], sems.at[0, slot]),
+                  pltpu.make_async_copy(v_hbm.at[phys], vbuf.at[slot, dst], sems.at[1, slot])))
+    return out
+
+  def start(step, slot):
+    for ok, kc, vc in copies(step, slot):
+      @pl.when(ok)
+      def _():
+        kc.start()
+        vc.start()
+
+  def wait(step, slot):
+    for ok, kc, vc in copies(step, slot):
+      @pl.when(ok)
+      def _():
+        kc.wait()
+        vc.wait()
+
+  r_idx = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+  row_t = t0 + lax.div(r_idx, g)
+  row_ok = row_t < nn
+  qpos = qs + row_t
+  g_idx = lax.rem(r_idx, g)
+  for h in range(n_kv_heads):
+    sink = jnp.full((rows, 1), -jnp.inf, jnp.float32)
+    for gg in range(g):
+      sink = jnp.where(g_idx == gg, sink_ref[h * g + gg], sink)
+    no_sink = sink == -jnp.inf
+    m_sc[h] = jnp.where(no_sink, _NEG, sink)
+    l_sc[h] = jnp.where(no_sink, 0.0, 1.0)
+  acc_sc[...] = jnp.zeros_like(acc_sc)
+
+  @pl.when(n_steps > 0)
+  def _():
+    start(0, 0)
+
+  def body(step, carry):
+    slot = lax.rem(step, 2)
+
+    @pl.when(step + 1 < n_steps)
+    def _():
+      start(step + 1, 1 - slot)
+
+    wait(step, slot)
+    base = (pg_lo + step * R) * S
+    kpos = base + lax.broadcasted_iota(jnp.int32, (1, R * S), 1)
+    vis = (kpos <= qpos) & row_ok
+    if window is not None:
+      vis &= kpos > qpos - window
+    kcol = base + lax.broadcasted_iota(jnp.int32, (R * S, 1), 0)
+    # page tails past the last key and stale slots of a partial step: zero V (0 * NaN guard)
+    _online_softmax_update(q_ref, kbuf.at[slot], vbuf.at[slot], vis, kcol < k_hi, scale, m_sc,
+                           l_sc, acc_sc, n_kv_heads)
+    return carry
+
+  lax.fori_loop(0, n_steps, body, 0)
+  l = l_sc[...]
+  ok = (l > 0) & row_ok
+  o_ref[...] = jnp.where(ok, acc_sc[...] / jnp.where(ok, l, 1.0), 0.0).astype(o_ref.dtype)
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *, window,
+                    sm_scale, block_q=None, pages_per_step=None, vmem_limit_bytes=None,
+                    interpret=False):
+  B, T, N, H = q.shape
+  P, S, K, _ = k_pages.shape
+  M = block_tables.shape[1]
+  G = N // K
+  bq, r = tiling(T, G, S, window, M)
+  bq, r = block_q or bq, pages_per_step or r
+  nq = pl.cdiv(T, bq)
+  tp = nq * bq
+  rows = bq * G
+  qf = q.reshape(B, T, K, G, H)
+  if tp != T:
+    qf = jnp.pad(qf, ((0, 0), (0, tp - T), (0, 0), (0, 0), (0, 0)))
+  qf = jnp.transpose(qf, (0, 2, 1, 3, 4)).reshape(B, K, tp * G, H)
+  bt_flat = block_tables.astype(jnp.int32).reshape(B * M)
+  sinks = jnp.asarray(sinks, jnp.float32)
+  kernel = functools.partial(_kernel, scale=sm_scale, window=window, block_q=bq, groups=G,
+                             n_kv_heads=K, t_len=T, page_size=S, pages_per_step=r, max_pages=M)
+  out_shape = jax.ShapeDtypeStruct((B, K, tp * G, H), q.dtype)
+  cost = common.cost_estimate(q, k_pages, block_tables, window=window, block_q=bq,
+                              operands=(q_start, n_new, bt_flat, sinks, qf), outputs=(out_shape,))
+  if interpret:  # the TPU interpreter simulates the DMAs and semaphores
+    interpret = pltpu.InterpretParams()
+  out = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(B, nq),
+          in_specs=[
+              pl.BlockSpec((None, K, rows, H), lambda b, i, *_: (b, 0, i, 0)),
+              pl.BlockSpec(memory_space=pl.ANY),
+              pl.BlockSpec(memory_space=pl.ANY),
+          ],
+          out_specs=pl.BlockSpec((None, K, rows, H), lambda b, i, *_: (b, 0, i, 0)),
+          scratch_shapes=[pltpu.VMEM((2, r * S, K, H), k_pages.dtype),
+                          pltpu.VMEM((2, r * S, K, H), v_pages.dtype),
+                          pltpu.SemaphoreType.DMA((2, 2)),
+                          pltpu.VMEM((K, rows, 1), jnp.float32),
+                          pltpu.VMEM((K, rows, 1), jnp.float32),
+                          pltpu.VMEM((K, rows, H), jnp.float32)],
+      ),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel"),
+          vmem_limit_bytes=vmem_limit_bytes),
+      interpret=interpret,
+      cost_estimate=cost,
+      name="paged_attention_tpu",
+  )(q_start, n_new, bt_flat, sinks, qf, k_pages, v_pages)
+  out = out.reshape(B, K, tp, G, H)[:, :, :T]
+  return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(B, T, N, H)
