@@ -37,60 +37,88 @@ _NEG = -1e30
 ROWS_PER_BLOCK = 256  # folded query rows per program and kv head (chunks of T > 1)
 
 
-def tiling(t_len: int, groups: int, page_size: int, window: int | None, max_pages: int
-           ) -> tuple[int, int]:
+def tiling(t_len: int, groups: int, page_size: int, window: int | None, max_pages: int,
+           dtype) -> tuple[int, int]:
   """(BQ, R): BQ queries per program (all T when T*G <= 256, else a multiple of 8 so that the
   folded row block is sublane aligned) and R pages per DMA step: ~512 keys for decode-sized
   row blocks, ~256 next to 256 rows (VMEM: a (S, 8, 64) bf16 page occupies (16, 128) tiles),
-  at most the pages one block can see."""
+  at most the pages one block can see; half of that for f32 pages. Measured minimum scoped VMEM
+  on v5e at gpt-oss shapes (bf16, K = 8, H = 64): 12.2 MiB decode, 12.7 MiB 256-row chunks, of
+  a 16 MiB default."""
   if t_len * groups <= ROWS_PER_BLOCK:
     bq = t_len
   else:
     bq = max(8, ROWS_PER_BLOCK // groups // 8 * 8)
   keys = 512 if bq * groups <= 64 else 256
+  if jnp.dtype(dtype).itemsize >= 4:  # f32: the HIGHEST-precision (multi-pass) MXU temporaries
+    keys //= 2
   r = max(1, keys // page_size)
   return bq, max(1, min(r, common.max_pages_spanned(bq, window, page_size, max_pages)))
 
 
 def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems,
-            m_sc, l_sc, acc_sc, *, scale, window, block_q, groups, n_kv_heads, t_len,
+            m_sc, l_sc, acc_sc, flow_sc, *, scale, window, block_q, groups, n_kv_heads, t_len,
             page_size, pages_per_step, max_pages):
   b, i = pl.program_id(0), pl.program_id(1)
+  n_rows, n_qblocks = pl.num_programs(0), pl.num_programs(1)
   g, S, R = groups, page_size, pages_per_step
   rows = block_q * g
-  qs = qs_ref[b]
-  nn = jnp.minimum(nn_ref[b], t_len)
-  t0 = i * block_q
-  _, k_hi = common.key_range(qs, nn, t0, block_q=block_q, window=window)
-  pg_lo, pg_hi = common.page_range(qs, nn, t0, block_q=block_q, window=window, page_size=S,
-                                   max_pages=max_pages)
-  n_steps = lax.div(pg_hi - pg_lo + R - 1, R)
 
-  def copies(step, slot):
+  def block(bb, ii):
+    """(q_start, valid queries, first page, end page, DMA steps) of program (bb, ii)."""
+    qs, nn = qs_ref[bb], jnp.minimum(nn_ref[bb], t_len)
+    pg_lo, pg_hi = common.page_range(qs, nn, ii * block_q, block_q=block_q, window=window,
+                                     page_size=S, max_pages=max_pages)
+    return qs, nn, pg_lo, pg_hi, lax.div(pg_hi - pg_lo + R - 1, R)
+
+  def copies(bb, pg_lo, pg_hi, step, slot):
     """(in range, K copy, V copy) of each of the R pages of `step` into buffer `slot`."""
     out = []
     for r in range(R):
       lp = pg_lo + step * R + r
-      phys = bt_ref[b * max_pages + jnp.clip(lp, 0, jnp.maximum(pg_hi - 1, 0))]
+      phys = bt_ref[bb * max_pages + jnp.clip(lp, 0, jnp.maximum(pg_hi - 1, 0))]
       dst = pl.ds(r * S, S)
       out.append((lp < pg_hi,
                   pltpu.make_async_copy(k_hbm.at[phys], kbuf.at[slot, dst], sems.at[0, slot]),
                   pltpu.make_async_copy(v_hbm.at[phys], vbuf.at[slot, dst], sems.at[1, slot])))
     return out
 
-  def start(step, slot):
-    for ok, kc, vc in copies(step, slot):
+  def start(bb, pg_lo, pg_hi, step, slot):
+    for ok, kc, vc in copies(bb, pg_lo, pg_hi, step, slot):
       @pl.when(ok)
       def _():
         kc.start()
         vc.start()
 
-  def wait(step, slot):
-    for ok, kc, vc in copies(step, slot):
+  def wait(bb, pg_lo, pg_hi, step, slot):
+    for ok, kc, vc in copies(bb, pg_lo, pg_hi, step, slot):
       @pl.when(ok)
       def _():
         kc.wait()
         vc.wait()
+
+  qs, nn, pg_lo, pg_hi, n_steps = block(b, i)
+  t0 = i * block_q
+  k_lo, k_hi = common.key_range(qs, nn, t0, block_q=block_q, window=window)
+  # the next program in grid order (programs run in order: both grid axes are "arbitrary");
+  # its first step is started under this program's last one, so the DMA queue never drains
+  last_i = i == n_qblocks - 1
+  nb = jnp.where(last_i, b + 1, b)
+  ni = jnp.where(last_i, 0, i + 1)
+  has_next = nb < n_rows
+  nb = jnp.minimum(nb, n_rows - 1)
+  _, _, npg_lo, npg_hi, n_next = block(nb, ni)
+  n_next = jnp.where(has_next, n_next, 0)
+
+  # flow_sc (SMEM): [0] = 1 if the previous program started this one's first step, [1] = the
+  # buffer slot of this program's first step
+  @pl.when((b == 0) & (i == 0))
+  def _():
+    flow_sc[0] = 0
+    flow_sc[1] = 0
+
+  prefetched = flow_sc[0] == 1
+  first_slot = flow_sc[1]
 
   r_idx = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
   row_t = t0 + lax.div(r_idx, g)
@@ -106,30 +134,38 @@ def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, 
     l_sc[h] = jnp.where(no_sink, 0.0, 1.0)
   acc_sc[...] = jnp.zeros_like(acc_sc)
 
-  @pl.when(n_steps > 0)
+  @pl.when((n_steps > 0) & jnp.logical_not(prefetched))
   def _():
-    start(0, 0)
+    start(b, pg_lo, pg_hi, 0, first_slot)
 
   def body(step, carry):
-    slot = lax.rem(step, 2)
+    slot = lax.rem(first_slot + step, 2)
 
     @pl.when(step + 1 < n_steps)
     def _():
-      start(step + 1, 1 - slot)
+      start(b, pg_lo, pg_hi, step + 1, 1 - slot)
 
-    wait(step, slot)
+    @pl.when((step + 1 == n_steps) & (n_next > 0))
+    def _():
+      start(nb, npg_lo, npg_hi, 0, 1 - slot)
+
+    wait(b, pg_lo, pg_hi, step, slot)
     base = (pg_lo + step * R) * S
     kpos = base + lax.broadcasted_iota(jnp.int32, (1, R * S), 1)
     vis = (kpos <= qpos) & row_ok
     if window is not None:
       vis &= kpos > qpos - window
     kcol = base + lax.broadcasted_iota(jnp.int32, (R * S, 1), 0)
-    # page tails past the last key and stale slots of a partial step: zero V (0 * NaN guard)
-    _online_softmax_update(q_ref, kbuf.at[slot], vbuf.at[slot], vis, kcol < k_hi, scale, m_sc,
-                           l_sc, acc_sc, n_kv_heads)
+    # slots outside [k_lo, k_hi) (the first page before the window, the last page's tail,
+    # stale slots of a partial step) are never trusted: V zeroed (0 * NaN guard)
+    v_ok = (kcol >= k_lo) & (kcol < k_hi)
+    _online_softmax_update(q_ref, kbuf.at[slot], vbuf.at[slot], vis, v_ok, scale, m_sc, l_sc,
+                           acc_sc, n_kv_heads)
     return carry
 
   lax.fori_loop(0, n_steps, body, 0)
+  flow_sc[0] = jnp.where((n_steps > 0) & (n_next > 0), 1, 0)
+  flow_sc[1] = lax.rem(first_slot + n_steps, 2)
   l = l_sc[...]
   ok = (l > 0) & row_ok
   o_ref[...] = jnp.where(ok, acc_sc[...] / jnp.where(ok, l, 1.0), 0.0).astype(o_ref.dtype)
@@ -142,7 +178,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *,
   P, S, K, _ = k_pages.shape
   M = block_tables.shape[1]
   G = N // K
-  bq, r = tiling(T, G, S, window, M)
+  bq, r = tiling(T, G, S, window, M, k_pages.dtype)
   bq, r = block_q or bq, pages_per_step or r
   nq = pl.cdiv(T, bq)
   tp = nq * bq
@@ -159,7 +195,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *,
   cost = common.cost_estimate(q, k_pages, block_tables, window=window, block_q=bq,
                               operands=(q_start, n_new, bt_flat, sinks, qf), outputs=(out_shape,))
   if interpret:  # the TPU interpreter simulates the DMAs and semaphores
-    interpret = pltpu.InterpretParams()
+    interpret = pltpu.InterpretParams(dma_execution_mode="eager")
   out = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -176,11 +212,12 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *,
                           pltpu.SemaphoreType.DMA((2, 2)),
                           pltpu.VMEM((K, rows, 1), jnp.float32),
                           pltpu.VMEM((K, rows, 1), jnp.float32),
-                          pltpu.VMEM((K, rows, H), jnp.float32)],
+                          pltpu.VMEM((K, rows, H), jnp.float32),
+                          pltpu.SMEM((2,), jnp.int32)],
       ),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel"),
+          dimension_semantics=("arbitrary", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=cost,

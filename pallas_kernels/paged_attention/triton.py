@@ -61,6 +61,14 @@ def tiling(t_len: int, groups: int, dtype) -> tuple[int, int, int]:
   return bq, bk, 8 if rows >= 128 else 4
 
 
+def default_splits(programs: int, span: int, block_k: int) -> int:
+  """Flash-decoding splits of each program's key range: 1 when rows x kv heads x q blocks fill
+  the SMs; else enough for ~2 waves, at most one per key block of the longest range `span`."""
+  if programs >= SM_COUNT:
+    return 1
+  return max(1, min(pl.cdiv(span, block_k) + 1, pl.cdiv(2 * SM_COUNT, programs)))
+
+
 def _kernel(qs_ref, nn_ref, bt_ref, q_ref, k_ref, v_ref, sink_ref, *out_refs, scale2, window,
             block_q, block_k, groups, t_len, page_size, n_splits, finalize):
   sp, qb = pl.program_id(2), pl.program_id(3)
@@ -142,10 +150,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *,
   num_warps = num_warps or nw
   n_qb = pl.cdiv(T, bq)
   rows = bq * G
-  if num_splits is None:  # ~2 waves on the SMs when rows x kv heads x q blocks do not fill them
-    span = M * S if window is None else bq + window - 1
-    max_blocks = pl.cdiv(min(span, M * S), bk) + 1
-    num_splits = max(1, min(max_blocks, pl.cdiv(2 * SM_COUNT, B * K * n_qb)))
+  if num_splits is None:
+    num_splits = default_splits(B * K * n_qb, M * S if window is None else bq + window - 1, bk)
   finalize = num_splits == 1
   q5 = q.reshape(B, T, K, G, H)
   sink2 = jnp.asarray(sinks, jnp.float32).reshape(K, G)
