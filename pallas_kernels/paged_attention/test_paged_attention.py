@@ -276,3 +276,110 @@ def test_cost_estimate(impl, window):
   kv = 2 * B * pages * S * K * H * 2
   qo = 2 * B * T * N * H * 2
   assert kv + qo <= ce.bytes_accessed <= kv + 5 * qo + 4096, (ce.bytes_accessed, kv, qo)
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT: deviceless compiles at gpt-oss shapes (64 q heads, 8 kv heads, head dim 64, bf16)
+# ---------------------------------------------------------------------------------------------
+N_Q, N_KV, HD, PAGE = 64, 8, 64, pa.DEFAULT_PAGE_SIZE
+# (name, B, T, M, window): decode of 8 rows with 128k-token block tables (full / sliding layer),
+# a 512-token prefill chunk after cached pages (full / sliding); pool of 4096 pages (512k tokens)
+AOT_CASES = [("decode_full", 8, 1, 1024, None), ("decode_w128", 8, 1, 1024, 128),
+             ("chunk512_full", 1, 512, 256, None), ("chunk512_w128", 1, 512, 256, 128)]
+POOL_PAGES = 4096
+
+
+def _aot_specs(device, B, T, M, dtype=jnp.bfloat16):
+  from jax.experimental.layout import Format, Layout
+  from jax.sharding import SingleDeviceSharding
+  sh = SingleDeviceSharding(device)
+
+  def sd(shape, dt):  # row-major, as device arrays given to jit (see mxfp4_gmm/aot.py)
+    return jax.ShapeDtypeStruct(shape, dt, sharding=Format(Layout(tuple(range(len(shape)))), sh))
+  return [sd((B, T, N_Q, HD), dtype), sd((POOL_PAGES, PAGE, N_KV, HD), dtype),
+          sd((POOL_PAGES, PAGE, N_KV, HD), dtype), sd((B, M), jnp.int32), sd((B,), jnp.int32),
+          sd((B,), jnp.int32), sd((N_Q,), jnp.float32)]
+
+
+def _aot_compile(device, impl, name, B, T, M, window, dtype=jnp.bfloat16, dump=None, **kw):
+  if kw:  # kernel-level options (vmem_limit_bytes)
+    fn = lambda *a: tpu_mod.paged_attention(*a, window=window, sm_scale=HD ** -0.5, **kw)
+  else:
+    fn = lambda *a: pa.paged_attention(*a, window=window, sm_scale=HD ** -0.5, impl=impl)
+  lowered = jax.jit(fn).lower(*_aot_specs(device, B, T, M, dtype))
+  opts = None if dump is None else {"xla_dump_to": os.path.join(dump, name)}
+  return lowered, lowered.compile(compiler_options=opts)
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("topo_name", ["v5e:2x2", "v6e:2x2", "tpu7x:2x2x1"])
+def test_aot_tpu(topo_name):
+  if not aot_tools.toolchain_available("v5e"):
+    pytest.skip("libtpu (the `aot` extra) is not installed")
+  from jax.experimental import topologies
+  device = topologies.get_topology_desc(topo_name, platform="tpu").devices[0]
+  pool = POOL_PAGES * PAGE * N_KV * HD * 2
+  # (the sliding chunk is the full chunk's kernel with another range and mask: H100 only, CI time)
+  for name, B, T, M, window in AOT_CASES[:3]:
+    # every compile runs under the generation's default scoped-VMEM limit (Mosaic rejects a
+    # kernel that does not fit)
+    lowered, compiled = _aot_compile(device, "mosaic", name, B, T, M, window)
+    assert "paged_attention_tpu" in compiled.as_text(), name
+    # the pools are read in place (no relayout copy: temporaries far below one pool)
+    assert compiled.memory_analysis().temp_size_in_bytes < pool // 16, name
+    (ce,) = cost.mosaic_cost_estimates(lowered.as_text())  # reaches XLA's TPU scheduler
+    L = M * PAGE
+    pairs = sum(min(p + 1, window or p + 1) for p in range(L - T, L))
+    assert ce["flops"] == 4 * HD * B * N_Q * pairs, name
+  if topo_name.startswith("v5e"):  # headroom: decode under v5e's 16 MiB default scoped VMEM
+    # fits in 14 MiB (needs ~12.2), 512-row chunks under the 32 MiB they ask for in 24 (~21.4)
+    for (name, B, T, M, window), mib in zip(AOT_CASES[::2], (14, 24)):
+      _aot_compile(device, "mosaic", name, B, T, M, window, vmem_limit_bytes=mib << 20)
+    with pytest.raises(Exception, match="(?i)vmem|memory"):  # and the check can fail
+      _aot_compile(device, "mosaic", "decode_full", 8, 1, 1024, None, vmem_limit_bytes=8 << 20)
+
+
+@pytest.mark.aot
+def test_aot_h100_ptxas(tmp_path):
+  if not aot_tools.toolchain_available("h100"):
+    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) or the H100 target config missing")
+  # the CUDA topology needs JAX_PLATFORMS=cpu at jax import: compile in a fresh interpreter
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  subprocess.run([sys.executable, os.path.abspath(__file__), "--h100-dump", str(tmp_path)],
+                 env=env, check=True, cwd=REPO, timeout=600)
+  seen = {}
+  for case in [c[0] for c in AOT_CASES] + ["chunk512_f32"]:
+    ptx = [f for f in glob.glob(str(tmp_path / case / "*.ptx"))
+           if ".entry paged_attention(" in open(f).read()]
+    assert len(ptx) == 1, (case, ptx)
+    src = open(ptx[0]).read()
+    assert ".target sm_90a" in src and "tf32" not in src, case
+    mma = set(re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", src))
+    if case.endswith("f32"):  # f32 pages: true f32 products on FMA, no reduced precision
+      assert not any(".bf16" in x or ".f16" in x for x in mma), (case, mma)
+    else:
+      assert mma and all(".bf16.bf16" in x for x in mma), (case, mma)
+    out = subprocess.run([aot_tools.ptxas_path(), "-arch=sm_90a", "-v", ptx[0], "-o", os.devnull],
+                         capture_output=True, text=True, check=True)
+    st = aot_tools.parse_ptxas(out.stdout + out.stderr)
+    assert st["spill_store_bytes"] == 0 and st["spill_load_bytes"] == 0, (case, st)
+    assert st["registers"] is not None and st["registers"] <= 255, (case, st)
+    seen[case] = (st["registers"], sorted(mma))
+  print("H100 ptxas:", seen)
+
+
+def _h100_compile(dump_root):
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(
+      platform="cuda", target_config=aot_tools.h100_target_config_path().read_text(),
+      topology="1x1x1")
+  for name, B, T, M, window in AOT_CASES:
+    _aot_compile(topo.devices[0], "triton", name, B, T, M, window, dump=dump_root)
+  _aot_compile(topo.devices[0], "triton", "chunk512_f32", 1, 512, 256, 128, dtype=jnp.float32,
+               dump=dump_root)
+
+
+if __name__ == "__main__":
+  assert sys.argv[1] == "--h100-dump"
+  _h100_compile(sys.argv[2])

@@ -34,26 +34,33 @@ from ..banded_attention.tpu import _online_softmax_update
 from . import common
 
 _NEG = -1e30
-ROWS_PER_BLOCK = 256  # folded query rows per program and kv head (chunks of T > 1)
+ROWS_PER_BLOCK = 512  # folded query rows per program and kv head for chunks (T > 1), bf16
+# scoped VMEM asked for chunk programs: above v5e's 16 MiB default (v6e / tpu7x: 32 MiB), well
+# under the physical 128 / 128 / 64 MiB
+CHUNK_VMEM_LIMIT = 32 << 20
 
 
 def tiling(t_len: int, groups: int, page_size: int, window: int | None, max_pages: int,
-           dtype) -> tuple[int, int]:
-  """(BQ, R): BQ queries per program (all T when T*G <= 256, else a multiple of 8 so that the
-  folded row block is sublane aligned) and R pages per DMA step: ~512 keys for decode-sized
-  row blocks, ~256 next to 256 rows (VMEM: a (S, 8, 64) bf16 page occupies (16, 128) tiles),
-  at most the pages one block can see; half of that for f32 pages. Measured minimum scoped VMEM
-  on v5e at gpt-oss shapes (bf16, K = 8, H = 64): 12.2 MiB decode, 12.7 MiB 256-row chunks, of
-  a 16 MiB default."""
-  if t_len * groups <= ROWS_PER_BLOCK:
+           dtype) -> tuple[int, int, int | None]:
+  """(BQ, R, vmem_limit_bytes). BQ queries per program: all T when T*G <= 512 (256 for f32),
+  else a multiple of 8 (the folded row block stays sublane aligned); 512 rows per kv head give
+  the chunk path 256 flop per (lane-padded) HBM byte of K/V, near v5e's ridge point. R pages per
+  DMA step: ~512 keys for decode-sized row blocks (<= 64 rows), ~256 otherwise, half for f32
+  pages, at most the pages one block can see. VMEM: a (S, 8, 64) bf16 page occupies (16, 128)
+  tiles; minimum scoped VMEM measured on v5e at gpt-oss shapes (bf16, K = 8, H = 64): decode
+  12.2 MiB (the 16 MiB default applies), 512-row chunks 21.3 MiB (CHUNK_VMEM_LIMIT)."""
+  f32 = jnp.dtype(dtype).itemsize >= 4
+  rows_cap = ROWS_PER_BLOCK // 2 if f32 else ROWS_PER_BLOCK
+  if t_len * groups <= rows_cap:
     bq = t_len
   else:
-    bq = max(8, ROWS_PER_BLOCK // groups // 8 * 8)
-  keys = 512 if bq * groups <= 64 else 256
-  if jnp.dtype(dtype).itemsize >= 4:  # f32: the HIGHEST-precision (multi-pass) MXU temporaries
+    bq = max(8, rows_cap // groups // 8 * 8)
+  decode = bq * groups <= 64
+  keys = 512 if decode else 256
+  if f32:  # the HIGHEST-precision (multi-pass) MXU temporaries
     keys //= 2
-  r = max(1, keys // page_size)
-  return bq, max(1, min(r, common.max_pages_spanned(bq, window, page_size, max_pages)))
+  r = max(1, min(keys // page_size, common.max_pages_spanned(bq, window, page_size, max_pages)))
+  return bq, r, None if decode else CHUNK_VMEM_LIMIT
 
 
 def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, vbuf, sems,
@@ -178,8 +185,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *,
   P, S, K, _ = k_pages.shape
   M = block_tables.shape[1]
   G = N // K
-  bq, r = tiling(T, G, S, window, M, k_pages.dtype)
+  bq, r, vmem = tiling(T, G, S, window, M, k_pages.dtype)
   bq, r = block_q or bq, pages_per_step or r
+  vmem_limit_bytes = vmem_limit_bytes or vmem
   nq = pl.cdiv(T, bq)
   tp = nq * bq
   rows = bq * G
