@@ -24,15 +24,13 @@ ever timed on CPU or in interpret mode.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
-# name: (HBM bytes/s, dense bf16 flop/s)
-TARGETS = {
-    "H100-SXM": (3.35e12, 989e12),
-    "TPU v5e": (819e9, 197e12),
-    "TPU v6e": (1640e9, 918e12),
-}
-N, K, H, BF16 = 64, 8, 64, 2  # gpt-oss attention: 64 q heads, 8 kv heads, head dim 64
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo (pallas_kernels)
+
+# the same targets (HBM bytes/s, dense bf16 flop/s), roofline and timer as the banded kernel's
+from bench_banded_attention import BF16, TARGETS, H, K, N, _time, roofline_us  # noqa: E402
 G = N // K
 S = 128  # pallas_kernels.paged_attention.DEFAULT_PAGE_SIZE
 TPU_LANE_PAD = 2  # [P, S, 8, 64] bf16 occupies 2x its bytes in TPU HBM (64 of 128 lanes)
@@ -78,12 +76,6 @@ def figures(B, L, T, window, target):
   return dict(ideal=ideal, kernel=kernel, flops=flops)
 
 
-def roofline_us(nbytes, flops, target):
-  bw, peak = TARGETS[target]
-  return 1e6 * max(nbytes / bw, flops / peak), ("memory" if nbytes / bw > flops / peak
-                                                  else "compute")
-
-
 CASES = [  # (B, L, T, window)
     (1, 8192, 1, None), (1, 131072, 1, None), (64, 8192, 1, None), (64, 2048, 1, None),
     (64, 100000, 1, 128), (1, 8192 + 512, 512, None), (1, 32768 + 2048, 2048, None),
@@ -109,16 +101,6 @@ def static_report():
             f"{f'{us_i:.1f} ({kind_i})':>24}{f'{us_k:.1f} ({kind_k})':>25}")
   print("  H100: 'kernel' counts L2-level loads for chunks (concurrent q blocks re-read the band);")
   print("  TPU: 'kernel' = HBM DMA traffic (lane-padded pages, band re-read per 512-row block).")
-
-
-def _time(fn, *args, iters=20):
-  out = fn(*args)
-  out.block_until_ready()
-  t = time.perf_counter()
-  for _ in range(iters):
-    out = fn(*args)
-  out.block_until_ready()
-  return (time.perf_counter() - t) / iters * 1e6
 
 
 def device_report():

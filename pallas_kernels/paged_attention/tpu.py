@@ -90,19 +90,14 @@ def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, 
                   pltpu.make_async_copy(v_hbm.at[phys], vbuf.at[slot, dst], sems.at[1, slot])))
     return out
 
-  def start(bb, pg_lo, pg_hi, step, slot):
+  def dma(op, bb, pg_lo, pg_hi, step, slot):
+    """Start (op="start") or wait for (op="wait") the in-range copies of a step: both under
+    the same condition, so every started copy is waited exactly once."""
     for ok, kc, vc in copies(bb, pg_lo, pg_hi, step, slot):
       @pl.when(ok)
       def _():
-        kc.start()
-        vc.start()
-
-  def wait(bb, pg_lo, pg_hi, step, slot):
-    for ok, kc, vc in copies(bb, pg_lo, pg_hi, step, slot):
-      @pl.when(ok)
-      def _():
-        kc.wait()
-        vc.wait()
+        getattr(kc, op)()
+        getattr(vc, op)()
 
   qs, nn, pg_lo, pg_hi, n_steps = block(b, i)
   t0 = i * block_q
@@ -143,20 +138,20 @@ def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, 
 
   @pl.when((n_steps > 0) & jnp.logical_not(prefetched))
   def _():
-    start(b, pg_lo, pg_hi, 0, first_slot)
+    dma("start", b, pg_lo, pg_hi, 0, first_slot)
 
   def body(step, carry):
     slot = lax.rem(first_slot + step, 2)
 
     @pl.when(step + 1 < n_steps)
     def _():
-      start(b, pg_lo, pg_hi, step + 1, 1 - slot)
+      dma("start", b, pg_lo, pg_hi, step + 1, 1 - slot)
 
     @pl.when((step + 1 == n_steps) & (n_next > 0))
     def _():
-      start(nb, npg_lo, npg_hi, 0, 1 - slot)
+      dma("start", nb, npg_lo, npg_hi, 0, 1 - slot)
 
-    wait(b, pg_lo, pg_hi, step, slot)
+    dma("wait", b, pg_lo, pg_hi, step, slot)
     base = (pg_lo + step * R) * S
     kpos = base + lax.broadcasted_iota(jnp.int32, (1, R * S), 1)
     vis = (kpos <= qpos) & row_ok
