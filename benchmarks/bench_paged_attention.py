@@ -86,8 +86,8 @@ CASES = [  # (B, L, T, window)
 def static_report():
   print("=" * 112)
   print("STATIC FIGURES (analytic, from the kernels' tiling; NOT measurements). One layer, bf16,")
-  print(f"64 q heads / 8 kv heads / H = 64, page size S = {S}; B rows of L positions (the last T are "
-        "the queries)")
+  print(f"64 q heads / 8 kv heads / H = 64, page size S = {S}; B rows of L positions "
+        "(the last T are the queries)")
   print("=" * 112)
   print(f"{'case':<30}{'target':<10}{'ideal MB':>10}{'kernel MB':>11}{'ratio':>7}{'GFLOP':>8}"
         f"{'bound us, ideal bytes':>24}{'bound us, kernel bytes':>25}")

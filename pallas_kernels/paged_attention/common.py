@@ -3,6 +3,8 @@ range a block of queries can see, the merge of split partials (Triton decode) an
 cost estimates attached to every ``pallas_call``."""
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -37,8 +39,8 @@ def check_args(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, window,
     raise ValueError(f"sinks_N must be [N={N}], got shape {sinks.shape}")
   if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
     raise ValueError(f"window must be None or a positive int, got {window!r}")
-  if not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool):
-    raise ValueError(f"sm_scale must be a Python float (static), got {type(sm_scale).__name__}")
+  if not isinstance(sm_scale, numbers.Real) or isinstance(sm_scale, bool):
+    raise ValueError(f"sm_scale must be a static real number, got {type(sm_scale).__name__}")
   if P < 1 or S < 1 or block_tables.shape[1] < 1:
     raise ValueError(f"empty page pool or block table: k_pages {k_pages.shape}, "
                      f"block_tables {block_tables.shape}")
