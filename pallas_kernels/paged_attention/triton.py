@@ -70,7 +70,7 @@ def default_splits(programs: int, span: int, block_k: int) -> int:
 
 
 def _kernel(qs_ref, nn_ref, bt_ref, q_ref, k_ref, v_ref, sink_ref, *out_refs, scale2, window,
-            block_q, block_k, groups, t_len, page_size, n_splits, finalize):
+            block_q, block_k, groups, t_len, page_size, max_pages, n_splits, finalize):
   sp, qb = pl.program_id(2), pl.program_id(3)
   bq, bk, g, S = block_q, block_k, groups, page_size
   rows = bq * g
@@ -93,6 +93,7 @@ def _kernel(qs_ref, nn_ref, bt_ref, q_ref, k_ref, v_ref, sink_ref, *out_refs, sc
   acc0 = jnp.zeros((rows, q.shape[-1]), jnp.float32)
 
   k_lo, k_hi = common.key_range(qs, nn, t0, block_q=bq, window=window)
+  k_hi = jnp.minimum(k_hi, max_pages * S)  # never index past the row's block table
   kb_lo = lax.div(k_lo, bk)
   kb_hi = lax.div(k_hi + bk - 1, bk)
   per = lax.div(kb_hi - kb_lo + n_splits - 1, n_splits)
@@ -156,7 +157,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_start, n_new, sinks, *,
   q5 = q.reshape(B, T, K, G, H)
   sink2 = jnp.asarray(sinks, jnp.float32).reshape(K, G)
   kernel = functools.partial(_kernel, scale2=sm_scale * LOG2E, window=window, block_q=bq,
-                             block_k=bk, groups=G, t_len=T, page_size=S, n_splits=num_splits,
+                             block_k=bk, groups=G, t_len=T, page_size=S, max_pages=M,
+                             n_splits=num_splits,
                              finalize=finalize)
   if finalize:
     out_shape = [jax.ShapeDtypeStruct((B, T, K, G, H), q.dtype)]
