@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 import subprocess
