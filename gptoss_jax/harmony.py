@@ -48,6 +48,7 @@ __all__ = [
     "load_harmony_encoding",
     "build_conversation",
     "render_prompt",
+    "render_continuation",
     "parse_completion",
     "stop_token_ids",
     "Delta",
@@ -286,6 +287,7 @@ def build_conversation(
     tools: Sequence[ToolLike] | None = None,
     model_identity: str | None = None,
     knowledge_cutoff: str | None = None,
+    system_tools: Sequence[oh.ToolNamespaceConfig] | None = None,
 ) -> oh.Conversation:
     """The harmony ``Conversation``: a system message (model identity, knowledge cutoff, conversation start
     date, reasoning effort, channels), a developer message when there are instructions or tools, then
@@ -309,6 +311,8 @@ def build_conversation(
         system = system.with_model_identity(model_identity)
     if knowledge_cutoff is not None:
         system = system.with_knowledge_cutoff(knowledge_cutoff)
+    for ns in system_tools or ():
+        system = system.with_tools(ns)
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
 
     if instructions is not None or tools:
@@ -333,6 +337,7 @@ def render_prompt(
     knowledge_cutoff: str | None = None,
     auto_drop_analysis: bool = True,
     encodings_base: str | os.PathLike | None = None,
+    system_tools: Sequence[oh.ToolNamespaceConfig] | None = None,
 ) -> list[int]:
     """Prompt token ids for the assistant's next turn (ends with ``<|start|>assistant``).
 
@@ -345,6 +350,8 @@ def render_prompt(
         ``{"type": "function", "function": {...}}``); ``parameters`` is a JSON schema.
     model_identity / knowledge_cutoff: override harmony's defaults ("You are ChatGPT, ..." / "2024-06").
     auto_drop_analysis: drop earlier turns' analysis messages as harmony recommends.
+    system_tools: built-in tool namespaces for the system message's ``# Tools`` section (openai-harmony
+        ``ToolNamespaceConfig``s, e.g. those of :mod:`gptoss_jax.tools`).
     """
     conv = build_conversation(
         messages,
@@ -354,10 +361,21 @@ def render_prompt(
         tools=tools,
         model_identity=model_identity,
         knowledge_cutoff=knowledge_cutoff,
+        system_tools=system_tools,
     )
     enc = load_harmony_encoding(encodings_base)
     cfg = oh.RenderConversationConfig(auto_drop_analysis=auto_drop_analysis)
     return list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT, cfg))
+
+
+def render_continuation(
+    messages: Sequence[MessageLike], *, encodings_base: str | os.PathLike | None = None
+) -> list[int]:
+    """The tokens that follow a completion ending in a tool call (``<|call|>``): ``messages`` (the tools'
+    answers, role ``"tool"``) then ``<|start|>assistant``, exactly as :func:`render_prompt` renders them
+    inside a conversation, so that the prompt, the completion and these tokens are the conversation."""
+    conv = oh.Conversation.from_messages([_to_harmony(_as_message(m)) for m in messages])
+    return list(load_harmony_encoding(encodings_base).render_conversation_for_completion(conv, oh.Role.ASSISTANT))
 
 
 def _from_harmony(m: oh.Message) -> ChatMessage:
