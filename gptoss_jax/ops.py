@@ -12,7 +12,7 @@ q [B, T, N, H], k / v [B, T, K, H] of the new tokens and the sinks [N]:
 `batch` is a `CachedBatch` (per-row cache lengths, valid new tokens, positions); `slot_pos_BS`
 the position each cache slot holds (-1: empty), as `KVCache.slot_positions` gives it.
 
-Paged attention ops (`XlaPagedAttention`; a Pallas variant overrides `attend_local` only) read the
+Paged attention ops (`XlaPagedAttention`, `PallasPagedAttention`: it overrides `attend_local` only) read the
 full-attention layers of the engine's paged cache (`gptoss_jax.kv`) through block tables, with the
 signature of `pallas_kernels.paged_attention`:
   op(q, k_pages [P, S, K, H], v_pages, block_tables [B, M], q_start [B], n_new [B], sinks)
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels import banded_attention
+from pallas_kernels import banded_attention, paged_attention
 from pallas_kernels.impl import Impl
 
 from .config import GptOssConfig
@@ -203,6 +203,21 @@ class XlaPagedAttention:
                                   "q", pages_axis=pages_axis, owner=owner)
 
 
+@dataclasses.dataclass(frozen=True)
+class PallasPagedAttention(XlaPagedAttention):
+    """`pallas_kernels.paged_attention` (Triton on GPU, Mosaic on TPU, interpret mode on CPU), per
+    page shard like the XLA op: it reads only the pages in each query block's window instead of
+    gathering whole rows."""
+
+    impl: Impl = Impl.AUTO
+    name = "pallas"
+
+    def attend_local(self, q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B, sinks_N, *,
+                     window, sm_scale):
+        return paged_attention.paged_attention(q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B,
+                                               n_new_B, sinks_N, window=window, sm_scale=sm_scale, impl=self.impl)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixture of experts
 # ---------------------------------------------------------------------------------------------
@@ -280,5 +295,4 @@ class PallasMoE(_ExpertParallel):
 
 
 OPS = {"xla": (XlaAttention, XlaMoE), "pallas": (PallasAttention, PallasMoE)}
-# the engine's paged attention per kernel choice ("pallas" gets pallas_kernels.paged_attention once wired)
-PAGED_OPS = {"xla": XlaPagedAttention, "pallas": XlaPagedAttention}
+PAGED_OPS = {"xla": XlaPagedAttention, "pallas": PallasPagedAttention}  # the engine's paged attention

@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import sharding as shd
-from .ops import OPS, PAGED_OPS, PallasAttention, PallasMoE, XlaAttention, XlaMoE, XlaPagedAttention
+from .ops import (OPS, PAGED_OPS, PallasAttention, PallasMoE, PallasPagedAttention, XlaAttention, XlaMoE,
+                  XlaPagedAttention)
 
 KERNEL_CHOICES = ("auto", "xla", "pallas")
 
@@ -43,7 +44,7 @@ class Runtime:
     moe: XlaMoE | PallasMoE
     mesh: Mesh | None = None  # the user's mesh, as given (any axis types)
     rules: shd.ShardingRules = shd.DEFAULT_RULES
-    paged_attention: XlaPagedAttention = XlaPagedAttention()  # the engine's paged cache (gptoss_jax.kv)
+    paged_attention: XlaPagedAttention | PallasPagedAttention = XlaPagedAttention()  # the engine's paged cache
 
     @classmethod
     def create(cls, kernels: str = "xla", mesh: Mesh | None = None,

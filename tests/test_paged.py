@@ -14,7 +14,7 @@ import pytest
 from gptoss_jax.engine import Engine, SamplingParams
 from gptoss_jax.generate import generate
 from gptoss_jax.kv import PagedCache, PagePool, page_hashes
-from gptoss_jax.ops import XlaPagedAttention
+from gptoss_jax.ops import PallasPagedAttention, XlaPagedAttention
 
 from engine_helpers import prompt, run_schedule
 from helpers import checkpoint_fixtures, tiny_config
@@ -58,11 +58,12 @@ def softmax_reference(q, k_seq, v_seq, sinks, q_start, n_new, window, sm_scale):
     return out
 
 
+@pytest.mark.parametrize("op", [XlaPagedAttention(), PallasPagedAttention()], ids=["xla", "pallas"])
 @pytest.mark.parametrize("S,window,T", [(4, None, 5), (8, 6, 3), (16, None, 1), (4, 16, 9)])
-def test_paged_attention_xla_matches_an_independent_softmax(S, window, T):
-    """Rows at lengths that cross page and window boundaries, pages scattered and shared between
-    rows, GQA (8 q heads on 2 kv heads), invalid query rows 0; the pages are read back through the
-    tables by hand."""
+def test_paged_attention_ops_match_an_independent_softmax(op, S, window, T):
+    """Both engine ops (the XLA gather; the Pallas kernel, in interpret mode here) on rows at lengths
+    that cross page and window boundaries, pages scattered and shared between rows, GQA (8 q heads
+    on 2 kv heads), invalid query rows 0; the pages are read back through the tables by hand."""
     rng = np.random.default_rng(S * 100 + T)
     B, N, K, H, M, P = 3, 8, 2, 16, 6, 20
     q_start = np.array([0, 5, M * S - T - 2], np.int32)
@@ -72,7 +73,6 @@ def test_paged_attention_xla_matches_an_independent_softmax(S, window, T):
     k_pages, v_pages = rng.normal(size=(2, P, S, K, H)).astype(np.float32)
     q = rng.normal(size=(B, T, N, H)).astype(np.float32)
     sinks = rng.normal(size=(N,)).astype(np.float32)
-    op = XlaPagedAttention()
     got = np.asarray(op(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables),
                         jnp.asarray(q_start), jnp.asarray(n_new), jnp.asarray(sinks), window=window, sm_scale=0.25))
     for b in range(B):
