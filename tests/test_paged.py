@@ -307,12 +307,14 @@ def test_eviction_under_pressure_keeps_answers_exact(model, prefix_run):
 
 # ---- the deviceless plan (gptoss-jax aot --max-seqs N --kv-cache-gb G) -----------------------------
 @pytest.mark.aot
-def test_aot_reports_the_tokens_a_kv_budget_holds_per_device(tmp_path):
-    """The engine's decode step over a paged cache of 0.05 GB per device compiles for 2 H100s with the
-    slots and pages split over data (2 layers of 20b: one full, one sliding; bf16, 8 kv heads of 64):
-    a page of 128 positions is 256 KiB (k and v; the full layer's pool, which also holds the sliding
-    layer's snapshots), the 4 rings of a device 1 MiB, so (5e7 - 2^20) // 2^18 = 186 pages, 23,808
-    tokens per device; the compiled arguments hold them."""
+@pytest.mark.parametrize("target,kernels", [("h100", "xla"), ("tpu-v5e", "pallas")])
+def test_aot_reports_the_tokens_a_kv_budget_holds_per_device(tmp_path, target, kernels):
+    """The engine's decode step over a paged cache of 0.05 GB per device compiles for 2 devices with
+    the slots and pages split over data (XLA on H100; on TPU v5e the Pallas paged kernel, per page
+    shard); 2 layers of 20b (one full, one sliding; bf16, 8 kv heads of 64): a page of 128 positions
+    is 256 KiB (k and v; the full layer's pool, which also holds the sliding layer's snapshots), the
+    4 rings of a device 1 MiB, so (5e7 - 2^20) // 2^18 = 186 pages, 23,808 tokens per device; the
+    compiled arguments hold them."""
     from gptoss_jax import aot
     from gptoss_jax.config import preset
     from gptoss_jax.model import abstract_model, count_params
@@ -320,17 +322,18 @@ def test_aot_reports_the_tokens_a_kv_budget_holds_per_device(tmp_path):
     cfg = preset("gpt-oss-20b").replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"))
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_hf_dict()))
-    p = aot.plan("h100", str(path), mesh_shape=dict(data=2), batch=1, max_len=1024, max_seqs=8, kv_cache_gb=0.05,
-                 programs=("engine_decode",))
+    p = aot.plan(target, str(path), mesh_shape=dict(data=2), batch=1, max_len=1024, max_seqs=8, kv_cache_gb=0.05,
+                 programs=("engine_decode",), kernels=kernels)
     text = aot.format_plan(p)
     print(text)
     k = p["paged_kv"]
     assert (k["page_size"], k["pages_per_device"], k["tokens_per_device"]) == (128, 186, 23808)
     assert k["slots_per_device"] == 4 and k["max_len_sequences_per_device"] == 23
     assert "23808 tokens per device" in text
-    params = count_params(abstract_model(cfg))[1]
+    params = count_params(abstract_model(cfg, kernel_layout=kernels == "pallas"))[1]
     kv = 186 * 2 ** 18 + 2 ** 20
+    lanes = 2 if target.startswith("tpu") else 1  # TPU lays the 64-wide head dim out in 128 lanes
     args = p["programs"]["engine_decode"]["argument_bytes"]
-    assert params + kv <= args < params + kv + 2 ** 20  # + block tables and the slot state
+    assert params + kv <= args < params + lanes * kv + 2 ** 22  # + block tables, slot state (, tiling)
     with pytest.raises(ValueError, match="kv_cache_gb"):
-        aot.plan("h100", str(path), max_len=1024, kv_cache_gb=0.05, programs=("engine_decode",))
+        aot.plan(target, str(path), max_len=1024, kv_cache_gb=0.05, programs=("engine_decode",))
