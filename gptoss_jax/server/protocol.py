@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import SamplingParams
-from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, render_prompt, stop_token_ids
+from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, ResponseFormat, render_prompt, stop_token_ids
+from ..structured import SchemaError, final_json, function_call, harmony_reply, normalize_schema
 
 # OpenAI's limits: up to 4 stop sequences, 20 top logprobs (chat) and 5 (completions).
 MAX_STOP_SEQUENCES = 4
@@ -234,20 +235,100 @@ def function_tools(f: Fields, key: str = "tools", flat: bool = False) -> list[Fu
     return out
 
 
-def tool_choice(f: Fields, tools: list[FunctionTool]) -> list[FunctionTool]:
-    """"auto" (default) or "none" (the tools are left out of the prompt)."""
+def tool_choice(f: Fields, tools: list[FunctionTool], flat: bool = False
+                ) -> tuple[list[FunctionTool], list[FunctionTool] | None]:
+    """(tools in the prompt, tools one of which the reply must call or None): "auto" (default),
+    "none" (the tools are left out of the prompt), "required" (a call to one of them) or a named
+    function (chat: {"type": "function", "function": {"name"}}, Responses: {"type": "function", "name"})."""
     choice = f.get("tool_choice", "auto")
     if choice == "none":
-        return []
-    if choice != "auto":
-        raise bad("'tool_choice' supports \"auto\" and \"none\"; \"required\" and a named function need "
-                  "constrained decoding, which this server does not have yet", "tool_choice")
-    return tools
+        return [], None
+    if choice == "auto":
+        return tools, None
+    if choice == "required":
+        if not tools:
+            raise bad("'tool_choice' \"required\" needs at least one tool in 'tools'", "tool_choice")
+        return tools, tools
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        spec = choice if flat else choice.get("function")
+        name = spec.get("name") if isinstance(spec, dict) else None
+        named = [t for t in tools if t.name == name]
+        if not named:
+            raise bad(f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice")
+        return tools, named
+    raise bad("'tool_choice' must be \"auto\", \"none\", \"required\" or a named function", "tool_choice")
 
 
-def render(messages: list[ChatMessage], *, effort: str, tools, instructions=None, param="messages") -> list[int]:
+@dataclass(frozen=True)
+class OutputFormat:
+    """A requested structured output: the schema the answer must match, the developer message's
+    section (None for json_object), and the request field it came from (for errors)."""
+
+    schema: dict
+    section: ResponseFormat | None
+    param: str
+    echo: dict  # as the request gave it (the Responses object repeats it)
+
+
+def output_format(fmt: Fields) -> OutputFormat | None:
+    """Chat's `response_format` or Responses' `text.format`: {"type": "text" | "json_object" |
+    "json_schema", ...}; chat nests name / schema / description / strict under "json_schema"."""
+    kind = fmt.str("type", "text", ("text", "json_object", "json_schema"))
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat({"type": "object"}, None, fmt.name("type"), dict(fmt.body))
+    spec = fmt.obj("json_schema") if "json_schema" in fmt.body else fmt
+    name = spec.str("name")
+    if not name:
+        raise bad(f"'{spec.name('name')}' is required", spec.name("name"))
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise bad(f"'{spec.name('schema')}' must be a JSON schema object", spec.name("schema"))
+    spec.bool("strict")
     try:
-        return render_prompt(messages, reasoning_effort=effort, tools=tools or None, instructions=instructions)
+        normalize_schema(schema)
+    except SchemaError as e:
+        raise bad(str(e), spec.name("schema")) from e
+    return OutputFormat(schema, ResponseFormat(name, schema, spec.str("description")), spec.name("schema"),
+                        dict(fmt.body))
+
+
+def constrain(params: list[SamplingParams], fmt: OutputFormat | None, tools: list[FunctionTool],
+              forced: list[FunctionTool] | None, max_reasoning: int | None, tool_param: str,
+              vocab_size: int) -> list[SamplingParams]:
+    """The params with the reply's grammar: a call to one of `forced`, or (with a format) the
+    final answer in it or a call to one of `tools`. Unconstrained when neither is asked."""
+    if forced is None and fmt is None:
+        if max_reasoning is not None:
+            raise bad("'max_reasoning_tokens' applies to constrained replies (response_format, tool_choice "
+                      "\"required\" or a named function)", "max_reasoning_tokens")
+        return params
+    calls = []
+    for i, t in enumerate(tools):
+        if t.parameters is not None:
+            try:
+                normalize_schema(t.parameters)
+            except SchemaError as e:
+                raise bad(f"tool {t.name!r}: {e}", f"{tool_param}[{i}]") from e
+        calls.append(function_call(t.name, t.parameters))
+    msgs = [calls[tools.index(t)] for t in forced] if forced is not None else [final_json(fmt.schema)] + calls
+    param = fmt.param if fmt is not None and forced is None else "tool_choice"
+    from ..structured.matcher import validate_grammar
+
+    try:
+        g = harmony_reply(*msgs, max_tokens=params[0].max_tokens, max_reasoning_tokens=max_reasoning)
+        validate_grammar(g, vocab_size)
+    except ValueError as e:
+        raise bad(str(e), param) from e
+    return [dataclasses.replace(p, grammar=g) for p in params]
+
+
+def render(messages: list[ChatMessage], *, effort: str, tools, instructions=None, param="messages",
+           fmt: OutputFormat | None = None) -> list[int]:
+    try:
+        return render_prompt(messages, reasoning_effort=effort, tools=tools or None, instructions=instructions,
+                             response_format=None if fmt is None else fmt.section)
     except (ValueError, TypeError) as e:
         raise bad(str(e), param) from e
 
@@ -304,9 +385,10 @@ def chat_messages(f: Fields) -> list[ChatMessage]:
 def chat_job(body: Any, limits: Limits) -> Job:
     f = Fields(body)
     messages = chat_messages(f)
-    tools = tool_choice(f, function_tools(f))
+    tools, forced = tool_choice(f, function_tools(f))
+    fmt = output_format(f.obj("response_format"))
     effort = f.str("reasoning_effort", "medium", REASONING_EFFORTS)
-    prompt = render(messages, effort=effort, tools=tools)
+    prompt = render(messages, effort=effort, tools=tools, fmt=fmt)
     n = f.int("n", 1, 1, limits.max_n)
     logprobs = f.bool("logprobs")
     top = f.int("top_logprobs", 0, 0, min(MAX_TOP_LOGPROBS_CHAT, limits.max_top_logprobs))
@@ -314,6 +396,8 @@ def chat_job(body: Any, limits: Limits) -> Job:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     params = sampling(f, len(prompt), limits, ("max_tokens", "max_completion_tokens"), n=n,
                       stops=stop_token_ids(), logprobs=logprobs, top_logprobs=top)
+    params = constrain(params, fmt, tools, forced, f.int("max_reasoning_tokens", None, 0), "tools",
+                       limits.vocab_size)
     stream, usage = streaming(f)
     return Job(prompt, params, stream, usage, stop_strings(f), True, logprobs, top)
 
@@ -413,13 +497,17 @@ def responses_job(body: Any, limits: Limits, previous: list[dict] | None) -> Job
     if instructions is not None and messages and messages[0].role in ("system", "developer"):
         messages[0] = ChatMessage(messages[0].role, instructions + "\n\n" + messages[0].content)
         instructions = None
-    tools = tool_choice(f, function_tools(f, flat=True))
+    tools, forced = tool_choice(f, function_tools(f, flat=True), flat=True)
+    fmt = output_format(f.obj("text").obj("format"))
     effort = f.obj("reasoning").str("effort", "medium", REASONING_EFFORTS)
-    prompt = render(messages, effort=effort, tools=tools, instructions=instructions, param="input")
+    prompt = render(messages, effort=effort, tools=tools, instructions=instructions, param="input", fmt=fmt)
     params = sampling(f, len(prompt), limits, ("max_output_tokens",), stops=stop_token_ids())
+    params = constrain(params, fmt, tools, forced, f.int("max_reasoning_tokens", None, 0), "tools",
+                       limits.vocab_size)
     stream, _ = streaming(f)
     extra = dict(items=items, effort=effort, store=f.bool("store", True), instructions=f.str("instructions"),
                  tools=[t for t in f.list("tools", [])], tool_choice=f.get("tool_choice", "auto"),
                  previous_response_id=f.str("previous_response_id"), max_output_tokens=f.int("max_output_tokens"),
-                 temperature=f.float("temperature"), top_p=f.float("top_p"))
+                 temperature=f.float("temperature"), top_p=f.float("top_p"),
+                 text_format={"type": "text"} if fmt is None else fmt.echo)
     return Job(prompt, params, stream, False, [], True, extra=extra)
