@@ -735,8 +735,9 @@ class Engine:
                        if rid in self._requests and self._requests[rid].constraint is not None}
         masks = self._timed_mask(lambda: self._masks.fill(constraints), len(constraints))
         try:
+            # a copy: the host buffer is refilled next step, and a CPU device array may alias it
             self._slots_state, out = self._sample_call(logits, self._slots_state,
-                                                       self.model.runtime.place_batch(masks))
+                                                       self.model.runtime.place_batch(masks.copy()))
         except BaseException:
             self._fail(rids)
             raise

@@ -16,7 +16,7 @@ import pytest
 
 import gptoss_jax as gj
 from gptoss_jax import Engine, SamplingParams
-from gptoss_jax.harmony import ResponseFormat, parse_completion, render_prompt
+from gptoss_jax.harmony import parse_completion
 from gptoss_jax.structured import (JsonBody, SchemaError, TextBody, final_json, final_regex, function_call,
                                    harmony_reply, tool_message)
 from gptoss_jax.structured.matcher import Constraint, check_vocab, mask_words
@@ -183,9 +183,12 @@ def test_a_budget_below_the_shortest_answer_is_refused():
 
 # ---- the engine ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def prompt():
-    return render_prompt([{"role": "user", "content": "Answer in JSON."}], reasoning_effort="low",
-                         response_format=ResponseFormat("answer", {"type": "object"}))
+def prompt(enc):
+    """A short harmony prompt (one 16-token prefill chunk: eight prompts a step); what it says does
+    not matter to random weights."""
+    ids = enc.encode("<|start|>user<|message|>Answer in JSON.<|end|><|start|>assistant", allowed_special="all")
+    assert len(ids) <= 16
+    return ids
 
 
 def constrained(schema, seed, max_tokens=64, reasoning=0):
@@ -195,37 +198,35 @@ def constrained(schema, seed, max_tokens=64, reasoning=0):
                           max_reasoning_tokens=reasoning)
 
 
+ENGINE_SCHEMAS = ("nested", "array", "enum", "numbers", "flags", "open")  # "choice": host-only above
+
+
 def test_random_weights_give_valid_json_for_every_schema(model, prompt):
-    """7 schemas x 20 replies sampled at temperature 1.0 from random weights: each parses and
+    """6 schemas x 20 replies sampled at temperature 1.0 from random weights: each parses and
     validates; none ends by length."""
     eng = Engine(model, **{**ENGINE, "max_seqs": 16})
     schedule = {}
     for i in range(20):
-        for name, s in SCHEMAS.items():
+        for name in ENGINE_SCHEMAS:
+            s = SCHEMAS[name]
             p = constrained(s, seed=i, max_tokens=80, reasoning=3 if i % 5 == 0 else 0)
             schedule.setdefault(i % 4, []).append((f"{name}.{i}", prompt, p))
     res = run_schedule(eng, schedule)
-    for name, s in SCHEMAS.items():
+    for name in ENGINE_SCHEMAS:
         for i in range(20):
             r = res[f"{name}.{i}"]
             assert r["reason"] == "stop", (name, i, r["reason"])
-            check_json_reply(r["tokens"], s)
+            check_json_reply(r["tokens"], SCHEMAS[name])
     assert eng.stats["masks"] >= sum(len(res[k]["tokens"]) for k in res if k is not None) - 1
     assert eng.num_free_slots() == 16
-    import collections
-    lens = collections.defaultdict(list)
-    for k in res:
-        if k is not None:
-            lens[k.split(".")[0]].append(len(res[k]["tokens"]))
-    print({k: (min(v), int(np.mean(v)), max(v)) for k, v in lens.items()}, res[None])
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_unconstrained_requests_in_a_mixed_batch_equal_their_solo_tokens(model, prompt, decode_steps):
     """Greedy and seeded requests share the batch with constrained ones (the two-program path
     with all-allowed masks; one token a step even with decode_steps 4): each equals generate() alone."""
-    free = {"g": (prompt[:40], SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=())),
-            "s": (prompt[:25], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, stop_token_ids=()))}
+    free = {"g": (prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=())),
+            "s": (prompt[:9], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, stop_token_ids=()))}
     eng = Engine(model, **ENGINE, decode_steps=decode_steps)
     res = run_schedule(eng, {0: [("c0", prompt, constrained(SCHEMAS["enum"], 1, reasoning=2)), ("g", *free["g"])],
                              1: [("s", *free["s"]), ("c1", prompt, constrained(SCHEMAS["numbers"], 2))]})
@@ -286,7 +287,25 @@ def test_bad_constraints_raise_and_generate_takes_a_schema(model, prompt):
         eng.add_request(prompt, SamplingParams(max_tokens=64, grammar="start: <|nonsense|>"))
     with pytest.raises(ValueError, match="vocabulary"):
         check_vocab(1000)
-    out = gj.generate(model, [prompt, prompt[:30]], max_new_tokens=48, temperature=1.0, seed=3,
+    out = gj.generate(model, [prompt, prompt[:9]], max_new_tokens=48, temperature=1.0, seed=3,
                       json_schema=SCHEMAS["flags"], max_reasoning_tokens=0)
     for b in range(2):
         check_json_reply(out.tokens[b, :out.lengths[b]].tolist(), SCHEMAS["flags"])
+
+
+@pytest.mark.parametrize("schema, match", [
+    ("{not json", "not valid JSON"),
+    ('{"type": "array", "uniqueItems": true}', "uniqueItems"),
+    ('{"type": "object", "properties": {"a": {"type": "string", "minLength": 400}}, "required": ["a"]}',
+     "raise max_tokens"),
+])
+def test_cli_checks_the_schema_before_loading(tmp_path, capsys, schema, match):
+    from gptoss_jax import cli
+
+    path = tmp_path / "schema.json"
+    path.write_text(schema)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi", "--max-tokens", "64",
+                  "--json-schema", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and err.count("\n") == 1, err

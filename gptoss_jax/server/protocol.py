@@ -16,7 +16,7 @@ from typing import Any
 
 from ..engine import SamplingParams
 from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, ResponseFormat, render_prompt, stop_token_ids
-from ..structured import SchemaError, final_json, function_call, harmony_reply, normalize_schema
+from ..structured import SchemaError, final_json, function_call, harmony_reply, normalize_schema, validate_grammar
 
 # OpenAI's limits: up to 4 stop sequences, 20 top logprobs (chat) and 5 (completions).
 MAX_STOP_SEQUENCES = 4
@@ -314,8 +314,6 @@ def constrain(params: list[SamplingParams], fmt: OutputFormat | None, tools: lis
         calls.append(function_call(t.name, t.parameters))
     msgs = [calls[tools.index(t)] for t in forced] if forced is not None else [final_json(fmt.schema)] + calls
     param = fmt.param if fmt is not None and forced is None else "tool_choice"
-    from ..structured.matcher import validate_grammar
-
     try:
         g = harmony_reply(*msgs, max_tokens=params[0].max_tokens, max_reasoning_tokens=max_reasoning)
         validate_grammar(g, vocab_size)

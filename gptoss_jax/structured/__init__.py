@@ -16,11 +16,12 @@ See docs/structured.md.
 
 from .grammar import (Grammar, JsonBody, Message, RegexBody, TextBody, final_json, final_regex, function_call,
                       harmony_reply, raw_grammar, tool_message)
+from .matcher import check_vocab, validate_grammar
 from .schema import SchemaError, fit_schema, normalize_schema
 
 __all__ = ["Grammar", "Message", "JsonBody", "TextBody", "RegexBody", "SchemaError", "harmony_reply", "final_json",
            "final_regex", "function_call", "tool_message", "raw_grammar", "fit_schema", "normalize_schema",
-           "request_grammar"]
+           "request_grammar", "validate_grammar", "check_vocab"]
 
 
 def request_grammar(params, vocab_size: int) -> Grammar | None:
@@ -33,8 +34,6 @@ def request_grammar(params, vocab_size: int) -> Grammar | None:
         return None
     if len(asked) > 1:
         raise ValueError(f"give one of json_schema, regex and grammar, got {asked}")
-    from .matcher import check_vocab, validate_grammar
-
     check_vocab(vocab_size)
     if params.grammar is not None:
         g = params.grammar

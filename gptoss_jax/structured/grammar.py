@@ -32,7 +32,7 @@ import re
 from typing import Any, Sequence
 
 from .. import tokenizer as tk
-from .schema import BYTES_PER_CHAR, SchemaError, _regex_width, fit_schema
+from .schema import BYTES_PER_CHAR, SchemaError, regex_width, fit_schema
 
 __all__ = ["Grammar", "Message", "JsonBody", "TextBody", "RegexBody", "harmony_reply", "final_json", "final_regex",
            "function_call", "tool_message", "raw_grammar"]
@@ -244,7 +244,7 @@ def _body(body, budget: int, name: str = "body", minimal: bool = False) -> tuple
             raise SchemaError(f"no tokens are left for the message text (budget {budget})")
         return [f"{name}[max_tokens={n}]: /(?s:.*)/"], 0, n
     if isinstance(body, RegexBody):
-        lo, hi = _regex_width(body.pattern)
+        lo, hi = regex_width(body.pattern)
         chars = min(hi, budget // BYTES_PER_CHAR)
         if chars < lo:
             raise SchemaError(f"the regex answer needs at least {lo} characters ({BYTES_PER_CHAR * lo} tokens at "

@@ -14,6 +14,9 @@ import collections
 import functools
 import threading
 
+import llguidance
+import llguidance.numpy
+import llguidance.tiktoken
 import numpy as np
 
 from .. import tokenizer as tk
@@ -43,8 +46,6 @@ def check_vocab(vocab_size: int) -> None:
 @functools.lru_cache(maxsize=2)
 def ll_tokenizer(vocab_size: int = tk.VOCAB_SIZE):
     """llguidance's tokenizer over o200k_harmony with `vocab_size` ids (built once: ~1 s)."""
-    import llguidance.tiktoken
-
     check_vocab(vocab_size)
     # EOS: <|endoftext|>, a token our grammars never name, so <|return|> / <|call|> stay plain specials
     return llguidance.tiktoken.lltokenizer_from_encoding(tk.load_tokenizer(), n_vocab=vocab_size,
@@ -57,8 +58,6 @@ _templates: collections.OrderedDict = collections.OrderedDict()
 
 def _template(lark: str, vocab_size: int):
     """A fresh matcher of `lark` (compiled once, then copied); ValueError with llguidance's message."""
-    import llguidance
-
     key = (lark, vocab_size)
     with _lock:
         m = _templates.get(key)
@@ -90,9 +89,7 @@ class Constraint:
         self.words = mask_words(vocab_size)
 
     def fill(self, row: np.ndarray) -> None:
-        from llguidance.numpy import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, row.reshape(1, -1))
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, row.reshape(1, -1))
 
     def initial_mask(self) -> np.ndarray:
         row = np.zeros((1, self.words), np.int32)
@@ -118,13 +115,11 @@ class MaskBatch:
         self._constrained: list[int] = []
 
     def fill(self, constraints: dict[int, Constraint]) -> np.ndarray:
-        import llguidance
-        from llguidance.numpy import fill_next_token_bitmask_par
-
         self.masks[self._constrained] = -1  # rows constrained last step, freed or not
         self._constrained = sorted(constraints)
         if constraints:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
-            fill_next_token_bitmask_par(self._executor, [(c.matcher, s) for s, c in constraints.items()], self.masks)
+            llguidance.numpy.fill_next_token_bitmask_par(self._executor, [(c.matcher, s) for s, c in constraints.items()],
+                                                         self.masks)
         return self.masks

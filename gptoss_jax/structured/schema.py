@@ -295,7 +295,7 @@ def _string(node, caps):
     if "format" in node:
         floor = max(floor, FORMAT_FLOOR.get(node["format"], 0))
     if "pattern" in node:
-        rx_min, rx_max = _regex_width(node["pattern"])
+        rx_min, rx_max = regex_width(node["pattern"])
         floor = max(floor, rx_min)
     hi = max(_cap(node.get("maxLength"), caps.string, caps), floor)
     if "maxLength" in node:
@@ -304,7 +304,7 @@ def _string(node, caps):
     return out, 2 + lo, 2 + BYTES_PER_CHAR * int(min(hi, rx_max))
 
 
-def _regex_width(pattern: str) -> tuple[int, float]:
+def regex_width(pattern: str) -> tuple[int, float]:
     """(min, max) characters a regex matches (Python's parser; (0, inf) when it cannot tell)."""
     try:
         import re._parser as sre_parse  # Python >= 3.11
