@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -75,17 +76,24 @@ def _sampling_kwargs(args):
                 top_k=args.top_k, seed=args.seed)
 
 
-def _print_reply(model, prompt, args, *, harmony: bool, tokens=None) -> str:
-    """Stream the reply to stdout as it is generated and return its content. Read as harmony (the
-    answer; the reasoning too with --show-reasoning) or, with harmony=False, as plain text. Output
-    that is not valid harmony (an untrained model) is printed as its raw text, never dropped.
-    `tokens`: the reply's tokens ([1] arrays) when not from `generate_stream`."""
+@dataclasses.dataclass
+class _Reply:
+    content: str  # what was printed as the answer (content deltas)
+    tokens: list[int]  # the completion, through its stop token
+    calls: list  # harmony's closed tool calls (ToolCall)
+
+
+def _print_reply(model, prompt, args, *, harmony: bool, max_tokens: int | None = None, source=None) -> _Reply:
+    """Stream the reply to stdout as it is generated and return it. Read as harmony (the answer; the
+    reasoning too with --show-reasoning) or, with harmony=False, as plain text. Output that is not
+    valid harmony (an untrained model) is printed as its raw text, never dropped. `source`: the
+    reply's tokens ([1] arrays) when not from `generate_stream` (a constrained reply's engine)."""
     from .generate import generate_stream
     from .harmony import CompletionDecoder
 
     stops = tuple(model.generation_defaults.stop_tokens)
     decoder = CompletionDecoder(stop_tokens=None if harmony else stops, harmony=harmony)
-    content, shown = [], None
+    content, tokens, shown = [], [], None
 
     def show(deltas):
         nonlocal shown
@@ -95,14 +103,18 @@ def _print_reply(model, prompt, args, *, harmony: bool, tokens=None) -> str:
             if not (args.show_reasoning or d.kind == "content"):
                 continue
             if args.show_reasoning and d.kind != shown:
-                sys.stdout.write(f"\n[{d.kind}] ")
+                sys.stdout.write(f"\n[{d.kind}{' to ' + d.recipient if d.recipient else ''}] ")
                 shown = d.kind
             sys.stdout.write(d.text)
             sys.stdout.flush()
 
-    if tokens is None:
-        tokens = generate_stream(model, [prompt], **_sampling_kwargs(args))
-    for tok in tokens:
+    if source is None:
+        kw = _sampling_kwargs(args)
+        if max_tokens is not None:
+            kw["max_new_tokens"] = max_tokens
+        source = generate_stream(model, [prompt], **kw)
+    for tok in source:
+        tokens.append(int(tok[0]))
         show(decoder.feed(int(tok[0])))
         if decoder.done or int(tok[0]) in stops:
             break
@@ -110,14 +122,67 @@ def _print_reply(model, prompt, args, *, harmony: bool, tokens=None) -> str:
     if decoder.error and harmony:
         print(f"\n[the reply is not valid harmony ({decoder.error}): shown as raw text]", file=sys.stderr)
     sys.stdout.write("\n")
-    return "".join(content)
+    return _Reply("".join(content), tokens, list(decoder.tool_calls))
 
 
-def _assistant_turn(model, messages, args):
-    """Render the conversation and stream the assistant's reply; returns its text."""
+CHAT_CONVERSATION = "chat"  # the chat command's one conversation (its tool sessions)
+
+
+def tool_turn(generate, prompt: list[int], max_tokens: int, toolbox, *, report=None) -> str:
+    """One assistant turn with built-in tools: generate (generate(prompt, max_tokens) -> _Reply), run
+    the built-in call that ended the completion, append its answer, generate again; until the model
+    answers, `max_tokens` (over the rounds) is spent or the calls pass the toolbox's limit. Returns the
+    answer's text. report(call, result): shows each call."""
+    from .tools.rounds import ended_with_call, limit_reached, next_prompt
+
+    names = toolbox.names if toolbox is not None else ()
+    calls = 0
+    while True:
+        reply = generate(prompt, max_tokens)
+        max_tokens -= len(reply.tokens)
+        call = ended_with_call(reply.tokens, reply.calls, toolbox, names)
+        if call is None or max_tokens < 1 or calls > toolbox.max_tool_calls:
+            return reply.content
+        if calls < toolbox.max_tool_calls:
+            result = toolbox.run(CHAT_CONVERSATION, call)
+        else:
+            result = limit_reached(call, toolbox.max_tool_calls)
+        calls += 1
+        if report is not None:
+            report(call, result)
+        prompt, _ = next_prompt(prompt, reply.tokens, result)
+
+
+def _report_tool(args):
+    def report(call, result):
+        status = " (failed)" if result.failed else ""
+        if args.show_reasoning:
+            sys.stdout.write(f"\n[{call.recipient} output{status}]\n{result.output}\n")
+        else:
+            print(f"[{call.recipient}{status}]", file=sys.stderr)
+    return report
+
+
+def _assistant_turn(model, messages, args, toolbox=None):
+    """Render the conversation and stream the assistant's reply (running its built-in tool calls);
+    returns the answer's text."""
     from .harmony import render_prompt
 
-    return _print_reply(model, render_prompt(messages, reasoning_effort=args.reasoning_effort), args, harmony=True)
+    system_tools = toolbox.configs(toolbox.names) if toolbox is not None else None
+    prompt = render_prompt(messages, reasoning_effort=args.reasoning_effort, system_tools=system_tools)
+    return tool_turn(lambda p, n: _print_reply(model, p, args, harmony=True, max_tokens=n), prompt,
+                     args.max_tokens, toolbox, report=_report_tool(args))
+
+
+def _toolbox(args):
+    """The toolbox of --tool and its options (None without --tool), checked before the model loads."""
+    from .tools import make_toolbox
+
+    if args.python_memory < 0:
+        raise ValueError(f"--python-memory must be >= 0, got {args.python_memory}")
+    return make_toolbox(args.tool, browser_dir=args.browser_dir, search_api_key=args.search_api_key,
+                        python_timeout_s=args.python_timeout, python_memory_bytes=int(args.python_memory * (1 << 30)),
+                        max_tool_calls=args.max_tool_calls)
 
 
 def _read_schema(args):
@@ -130,8 +195,8 @@ def _read_schema(args):
         if args.max_reasoning_tokens is not None:
             raise ValueError("--max-reasoning-tokens applies with --json-schema")
         return None
-    if args.raw:
-        raise ValueError("--json-schema constrains a harmony reply: leave out --raw")
+    if args.raw or args.tool:
+        raise ValueError("--json-schema constrains one harmony reply: leave out --raw and --tool")
     path = Path(args.json_schema)
     try:
         schema = json.loads(path.read_text())
@@ -162,39 +227,71 @@ def _cmd_generate(args):
 
     if not args.prompt:
         raise ValueError("the prompt is empty")
+    if args.raw and args.tool:
+        raise ValueError("--tool needs the chat format: drop --raw")
     _check_run_args(args)
     fmt = _read_schema(args)
     enc = load_tokenizer()
-    model = _load(args)
-    print("compiling ...", file=sys.stderr)  # the first tokens wait for prefill and decode to compile
-    if fmt is not None:
-        from .harmony import ResponseFormat, render_prompt
+    toolbox = _toolbox(args)
+    try:
+        model = _load(args)
+        print("compiling ...", file=sys.stderr)  # the first tokens wait for prefill and decode to compile
+        if fmt is not None:
+            from .harmony import ResponseFormat, render_prompt
 
-        prompt = render_prompt([{"role": "user", "content": args.prompt}], reasoning_effort=args.reasoning_effort,
-                               response_format=ResponseFormat(fmt[0], fmt[1]))
-        _print_reply(model, prompt, args, harmony=True, tokens=_constrained_tokens(model, prompt, args, fmt[1]))
-    elif args.raw:
-        _print_reply(model, enc.encode(args.prompt, allowed_special="all"), args, harmony=False)
-    else:
-        _assistant_turn(model, [{"role": "user", "content": args.prompt}], args)
+            prompt = render_prompt([{"role": "user", "content": args.prompt}], reasoning_effort=args.reasoning_effort,
+                                   response_format=ResponseFormat(fmt[0], fmt[1]))
+            _print_reply(model, prompt, args, harmony=True, source=_constrained_tokens(model, prompt, args, fmt[1]))
+        elif args.raw:
+            _print_reply(model, enc.encode(args.prompt, allowed_special="all"), args, harmony=False)
+        else:
+            _assistant_turn(model, [{"role": "user", "content": args.prompt}], args, toolbox)
+    finally:
+        if toolbox is not None:
+            toolbox.close()
 
 
 def _cmd_chat(args):
     _check_run_args(args)
-    model = _load(args)
-    messages = []
-    print("gpt-oss chat: type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        sys.stdout.write("gpt-oss> ")
-        reply = _assistant_turn(model, messages, args)
-        messages.append({"role": "assistant", "content": reply, "channel": "final"})
+    toolbox = _toolbox(args)
+    try:
+        model = _load(args)
+        messages = []
+        print("gpt-oss chat: type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            sys.stdout.write("gpt-oss> ")
+            reply = _assistant_turn(model, messages, args, toolbox)
+            messages.append({"role": "assistant", "content": reply, "channel": "final"})
+    finally:
+        if toolbox is not None:  # every kernel stopped, every session folder removed
+            toolbox.close()
+
+
+def _add_tool_options(p):
+    from .tools import TOOL_NAMES
+    from .tools.base import DEFAULT_MAX_TOOL_CALLS
+    from .tools.python import DEFAULT_MEMORY_BYTES, DEFAULT_TIMEOUT_S
+
+    p.add_argument("--tool", action="append", choices=TOOL_NAMES, default=[],
+                   help="enable a built-in tool (repeatable): python RUNS MODEL-WRITTEN CODE ON THIS HOST (a Jupyter "
+                        "kernel per conversation, not a sandbox); browser searches and reads pages")
+    p.add_argument("--browser-dir", help="the browser's pages: the text, markdown and HTML files of this folder "
+                                         "(default: the web)")
+    p.add_argument("--search-api-key", help="Brave Search API key for the web browser's search "
+                                            "(also $BRAVE_SEARCH_API_KEY)")
+    p.add_argument("--python-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds per python call before the kernel is interrupted")
+    p.add_argument("--python-memory", type=float, default=DEFAULT_MEMORY_BYTES / (1 << 30),
+                   help="GiB of address space for the python kernel (RLIMIT_AS; 0: no limit)")
+    p.add_argument("--max-tool-calls", type=int, default=DEFAULT_MAX_TOOL_CALLS,
+                   help="built-in tool calls per request (or chat turn)")
 
 
 def _add_run_options(p):
@@ -270,9 +367,15 @@ def _add_finetune_parser(sub):
 def _cmd_serve(args):
     from .server import serve
 
-    serve(args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
-          max_seqs=args.max_seqs, max_len=args.max_len, prefill_chunk=args.prefill_chunk, mesh=args.mesh,
-          kernels=args.kernels, dtype=args.dtype, api_key=args.api_key, max_waiting=args.max_waiting)
+    toolbox = _toolbox(args)
+    try:
+        serve(args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+              max_seqs=args.max_seqs, max_len=args.max_len, prefill_chunk=args.prefill_chunk, mesh=args.mesh,
+              kernels=args.kernels, dtype=args.dtype, api_key=args.api_key, max_waiting=args.max_waiting,
+              toolbox=toolbox)
+    finally:
+        if toolbox is not None:
+            toolbox.close()
 
 
 def _add_serve_parser(sub):
@@ -292,6 +395,7 @@ def _add_serve_parser(sub):
     s.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
     s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $GPTOSS_API_KEY)")
+    _add_tool_options(s)
     s.set_defaults(fn=_cmd_serve)
 
 
@@ -330,10 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-reasoning-tokens", type=int, default=None,
                    help="with --json-schema: the analysis budget (default half of --max-tokens)")
     _add_run_options(g)
+    _add_tool_options(g)
     g.set_defaults(fn=_cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive multi-turn harmony chat")
     _add_run_options(ch)
+    _add_tool_options(ch)
     ch.set_defaults(fn=_cmd_chat)
 
     i = sub.add_parser("info", help="parameter count and bytes of a preset or a checkpoint's config")

@@ -49,6 +49,7 @@ __all__ = [
     "load_harmony_encoding",
     "build_conversation",
     "render_prompt",
+    "render_continuation",
     "parse_completion",
     "stop_token_ids",
     "Delta",
@@ -311,6 +312,7 @@ def build_conversation(
     model_identity: str | None = None,
     knowledge_cutoff: str | None = None,
     developer: bool = False,
+    system_tools: Sequence[oh.ToolNamespaceConfig] | None = None,
 ) -> oh.Conversation:
     """The harmony ``Conversation``: a system message (model identity, knowledge cutoff, conversation start
     date, reasoning effort, channels), a developer message when there are instructions or tools, then
@@ -335,6 +337,8 @@ def build_conversation(
         system = system.with_model_identity(model_identity)
     if knowledge_cutoff is not None:
         system = system.with_knowledge_cutoff(knowledge_cutoff)
+    for ns in system_tools or ():
+        system = system.with_tools(ns)
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
 
     if instructions is not None or tools or developer:
@@ -360,6 +364,7 @@ def render_prompt(
     auto_drop_analysis: bool = True,
     encodings_base: str | os.PathLike | None = None,
     response_format: ResponseFormat | None = None,
+    system_tools: Sequence[oh.ToolNamespaceConfig] | None = None,
 ) -> list[int]:
     """Prompt token ids for the assistant's next turn (ends with ``<|start|>assistant``).
 
@@ -374,6 +379,8 @@ def render_prompt(
     auto_drop_analysis: drop earlier turns' analysis messages as harmony recommends.
     response_format: a :class:`ResponseFormat` written at the end of the developer message (the
         harmony spec's ``# Response Formats`` section; openai-harmony 0.0.8 has no API for it).
+    system_tools: built-in tool namespaces for the system message's ``# Tools`` section (openai-harmony
+        ``ToolNamespaceConfig``s, e.g. those of :mod:`gptoss_jax.tools`).
     """
     conv = build_conversation(
         messages,
@@ -384,6 +391,7 @@ def render_prompt(
         model_identity=model_identity,
         knowledge_cutoff=knowledge_cutoff,
         developer=response_format is not None,
+        system_tools=system_tools,
     )
     enc = load_harmony_encoding(encodings_base)
     cfg = oh.RenderConversationConfig(auto_drop_analysis=auto_drop_analysis)
@@ -403,6 +411,16 @@ def _append_to_developer(ids: list[int], text: str, encodings_base) -> list[int]
     content = tok.decode(ids[start:end])
     content = f"{content}\n\n{text}" if content else text
     return ids[:start] + tok.encode(content) + ids[end:]
+
+
+def render_continuation(
+    messages: Sequence[MessageLike], *, encodings_base: str | os.PathLike | None = None
+) -> list[int]:
+    """The tokens that follow a completion ending in a tool call (``<|call|>``): ``messages`` (the tools'
+    answers, role ``"tool"``) then ``<|start|>assistant``, exactly as :func:`render_prompt` renders them
+    inside a conversation, so that the prompt, the completion and these tokens are the conversation."""
+    conv = oh.Conversation.from_messages([_to_harmony(_as_message(m)) for m in messages])
+    return list(load_harmony_encoding(encodings_base).render_conversation_for_completion(conv, oh.Role.ASSISTANT))
 
 
 def _from_harmony(m: oh.Message) -> ChatMessage:

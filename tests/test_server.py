@@ -37,9 +37,10 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @contextlib.contextmanager
-def running(engine, **cfg):
-    """A uvicorn serving `engine` on a free 127.0.0.1 port, in a thread; stopped on exit."""
-    app = create_app(engine, ServerConfig(NAME, **cfg))
+def running(engine, toolbox=None, **cfg):
+    """A uvicorn serving `engine` (and `toolbox`'s built-in tools) on a free 127.0.0.1 port, in a thread;
+    stopped on exit."""
+    app = create_app(engine, ServerConfig(NAME, **cfg), toolbox)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
@@ -482,7 +483,7 @@ def test_the_serve_command_starts_quietly_and_serves(ckpt):
 @pytest.mark.parametrize("args, match", [(["--max-seqs", "0"], "--max-seqs must be >= 1"),
                                          (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
                                          (["--port", "70000"], "--port must be in"),
-                                         (["--max-len", "100000"], "exceeds the model's context")])
+                                         (["--max-len", str(CFG.max_position_embeddings + 1)], "exceeds the model's context")])
 def test_bad_serve_options_are_one_line_errors(ckpt, capsys, args, match):
     from gptoss_jax.cli import main
 

@@ -26,10 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..tokenizer import load_tokenizer
+from ..tools import Toolbox
 from .loop import EngineLoop, QueueFull, Stream
 from .metrics import Metrics
-from .present import Choice, OutputItems, Usage
+from .present import Choice, Usage
 from .protocol import (ApiError, Job, Limits, bad, chat_job, completion_job, new_id, responses_job)
+from .tool_loop import ResponseRun
 
 log = logging.getLogger("gptoss_jax.server")
 
@@ -52,9 +54,10 @@ class ServerConfig:
 
 
 class _State:
-    def __init__(self, engine: Engine, cfg: ServerConfig):
+    def __init__(self, engine: Engine, cfg: ServerConfig, toolbox: Toolbox | None):
         self.cfg = cfg
         self.engine = engine
+        self.toolbox = toolbox
         self.metrics = Metrics(cfg.model_name)
         self.loop = EngineLoop(engine, self.metrics, cfg.max_waiting)
         self.tokenizer = load_tokenizer()
@@ -78,15 +81,20 @@ class _State:
         return entry
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    """The FastAPI app; its engine thread stops when the app shuts down."""
+def create_app(engine: Engine, config: ServerConfig, toolbox: Toolbox | None = None) -> FastAPI:
+    """The FastAPI app; its engine thread stops, and the toolbox's sessions close, when the app shuts
+    down. `toolbox`: the built-in tools Responses requests may declare (gptoss_jax.tools)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield
-        state.loop.close()
+        try:
+            yield
+        finally:
+            state.loop.close()
+            if toolbox is not None:
+                toolbox.close()
 
-    state = _State(engine, config)
+    state = _State(engine, config, toolbox)
     app = FastAPI(title="gptoss-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gptoss = state
 
@@ -371,9 +379,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         prev = body.get("previous_response_id")
         if prev is not None and not isinstance(prev, str):
             raise bad("'previous_response_id' must be a string", "previous_response_id")
-        previous = state.recall(prev)["items"] if prev else None
-        job = responses_job(body, state.limits, previous)
+        previous = state.recall(prev) if prev else None
+        job = responses_job(body, state.limits, previous["items"] if previous else None, toolbox)
         rid, created = new_id("resp_"), int(time.time())
+        # the tool sessions (python kernel, browser pages) follow the chain of previous_response_id
+        conversation = previous["conversation"] if previous else new_id("conv_")
+        run = ResponseRun(job, start=lambda j: start(j, rid), events=lambda *a: events(request, *a),
+                          toolbox=toolbox, conversation=conversation, max_len=engine.max_len)
 
         def response(status, output, usage=None, incomplete=None):
             x = job.extra
@@ -386,22 +398,22 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     "tool_choice": x["tool_choice"], "parallel_tool_calls": True, "text": {"format": x["text_format"]},
                     "truncation": "disabled", "metadata": {}}
 
-        def finished(c: Choice, items: list[dict]):
-            length = c.finish_reason == "length"
-            resp = response("incomplete" if length else "completed", items, usage_of(job, [c]).responses(),
-                            {"reason": "max_output_tokens"} if length else None)
+        def finished():
+            reason = run.incomplete
+            resp = response("incomplete" if reason else "completed", run.items.items, run.usage.responses(),
+                            {"reason": reason} if reason else None)
             if job.extra["store"]:
-                state.remember(rid, {"response": resp, "items": job.extra["items"] + items})
+                state.remember(rid, {"response": resp, "items": job.extra["items"] + run.items.stored(),
+                                     "conversation": conversation})
+            elif toolbox is not None and previous is None:  # nobody can continue this conversation
+                toolbox.end(conversation)
             return resp
 
         if not job.stream:
-            (c,) = await run_whole(request, job, rid)
-            builder = OutputItems()
-            for p in c.pieces:
-                builder.feed(p)
-            builder.close()
-            return finished(c, builder.items)
-        q, streams, choices = start(job, rid)
+            async with contextlib.aclosing(run.events()) as evs:
+                async for _ in evs:
+                    pass
+            return finished()
 
         async def gen():
             seq = itertools.count()
@@ -412,18 +424,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
             yield event("response.created", response=response("in_progress", []))
             yield event("response.in_progress", response=response("in_progress", []))
-            builder = OutputItems()
-            async with contextlib.aclosing(events(request, q, streams, choices)) as evs:
-                async for c, pieces, out in evs:
-                    for p in pieces:
-                        for kind, data in builder.feed(p):
-                            yield event(kind, **data)
-                    if out.finished:
-                        for kind, data in builder.close():
-                            yield event(kind, **data)
-                        # always response.completed (status "incomplete" inside), as gpt_oss's server and
-                        # the openai client's stream helper expect
-                        yield event("response.completed", response=finished(c, builder.items))
+            async with contextlib.aclosing(run.events()) as evs:
+                async for kind, data in evs:
+                    yield event(kind, **data)
+            if not run.client_left:
+                # always response.completed (status "incomplete" inside), as gpt_oss's server and the
+                # openai client's stream helper expect
+                yield event("response.completed", response=finished())
 
         return streaming(gen(), error_event="error")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import RequestOutput
-from ..harmony import CompletionDecoder, Delta
+from ..harmony import CompletionDecoder, Delta, ToolCall
 from .protocol import FUNCTIONS, new_id
 
 
@@ -67,6 +67,11 @@ class Choice:
             self.engine_reason = out.finish_reason
             pieces += self._end()
         return [self._record(p) for p in pieces]
+
+    @property
+    def closed_calls(self) -> list[ToolCall]:
+        """The tool calls whose message closed, as harmony reads them (recipient, channel, content type)."""
+        return self._decoder.tool_calls
 
     def end(self) -> list[Delta]:
         """No more tokens come (the request finished or was stopped): flush what is held."""

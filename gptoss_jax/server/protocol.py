@@ -11,12 +11,15 @@ import dataclasses
 import json
 import math
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import SamplingParams
 from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, ResponseFormat, render_prompt, stop_token_ids
-from ..structured import SchemaError, final_json, function_call, harmony_reply, normalize_schema, validate_grammar
+from ..structured import (JsonBody, Message, Reply, SchemaError, final_json, function_call, normalize_schema,
+                          tool_message, validate_grammar)
+from ..tools import Toolbox
 
 # OpenAI's limits: up to 4 stop sequences, 20 top logprobs (chat) and 5 (completions).
 MAX_STOP_SEQUENCES = 4
@@ -216,11 +219,14 @@ def streaming(f: Fields) -> tuple[bool, bool]:
     return stream, opts.bool("include_usage") if stream else False
 
 
-def function_tools(f: Fields, key: str = "tools", flat: bool = False) -> list[FunctionTool]:
-    """Function tools: chat's {"type": "function", "function": {...}} or (flat) the Responses form."""
+def function_tools(f: Fields, key: str = "tools", flat: bool = False, skip: Collection[str] = ()) -> list[FunctionTool]:
+    """Function tools: chat's {"type": "function", "function": {...}} or (flat) the Responses form; tools
+    whose type is in `skip` are read elsewhere (the built-in ones)."""
     out = []
     for i, t in enumerate(f.list(key, [])):
         where = f"{key}[{i}]"
+        if isinstance(t, dict) and t.get("type") in skip:
+            continue
         if not isinstance(t, dict) or t.get("type") != "function":
             kind = t.get("type") if isinstance(t, dict) else t
             raise bad(f"'{where}': only function tools are supported, got type {kind!r}", where)
@@ -296,9 +302,11 @@ def output_format(fmt: Fields) -> OutputFormat | None:
 
 def constrain(params: list[SamplingParams], fmt: OutputFormat | None, tools: list[FunctionTool],
               forced: list[FunctionTool] | None, max_reasoning: int | None, tool_param: str,
-              vocab_size: int) -> list[SamplingParams]:
+              vocab_size: int, builtins: list[Message] = ()) -> list[SamplingParams]:
     """The params with the reply's grammar: a call to one of `forced`, or (with a format) the
-    final answer in it or a call to one of `tools`. Unconstrained when neither is asked."""
+    final answer in it or a call to one of `tools` or `builtins` (the declared built-in tools'
+    calls). Unconstrained when neither is asked. The grammar is checked at the request's max_tokens
+    (a 400 here) and travels as a `Reply`, built anew for each engine request (tool rounds)."""
     if forced is None and fmt is None:
         if max_reasoning is not None:
             raise bad("'max_reasoning_tokens' applies to constrained replies (response_format, tool_choice "
@@ -312,21 +320,71 @@ def constrain(params: list[SamplingParams], fmt: OutputFormat | None, tools: lis
             except SchemaError as e:
                 raise bad(f"tool {t.name!r}: {e}", f"{tool_param}[{i}]") from e
         calls.append(function_call(t.name, t.parameters))
-    msgs = [calls[tools.index(t)] for t in forced] if forced is not None else [final_json(fmt.schema)] + calls
+    if forced is not None:
+        msgs = [calls[tools.index(t)] for t in forced]
+    else:
+        msgs = [final_json(fmt.schema), *calls, *builtins]
     param = fmt.param if fmt is not None and forced is None else "tool_choice"
+    reply = Reply(tuple(msgs), max_reasoning)
     try:
-        g = harmony_reply(*msgs, max_tokens=params[0].max_tokens, max_reasoning_tokens=max_reasoning)
-        validate_grammar(g, vocab_size)
+        validate_grammar(reply.grammar(params[0].max_tokens), vocab_size)
     except ValueError as e:
         raise bad(str(e), param) from e
-    return [dataclasses.replace(p, grammar=g) for p in params]
+    return [dataclasses.replace(p, grammar=reply) for p in params]
+
+
+# Responses API built-in tool types -> the harmony tool that serves them (gptoss_jax.tools)
+BUILTIN_TOOL_TYPES = {"code_interpreter": "python", "web_search": "browser", "web_search_preview": "browser",
+                      "web_search_2025_08_26": "browser", "web_search_preview_2025_03_11": "browser"}
+
+
+def builtin_tools(f: Fields, toolbox: Toolbox | None) -> list[str]:
+    """The built-in tools a Responses request declares (in `tools`), each enabled on this server."""
+    names = []
+    for i, t in enumerate(f.list("tools", [])):
+        kind = t.get("type") if isinstance(t, dict) else None
+        name = BUILTIN_TOOL_TYPES.get(kind)
+        if name is None:
+            continue
+        if toolbox is None or name not in toolbox.names:
+            raise bad(f"'tools[{i}]': {kind!r} needs the server's {name} tool (gptoss-jax serve --tool {name})",
+                      f"tools[{i}]")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def builtin_calls(toolbox: Toolbox, names, functions=None) -> list[Message]:
+    """Harmony call messages to built-in tools (analysis channel, content type `code`, as gpt-oss
+    calls them): python's code as free text, a browser function's JSON arguments valid for its
+    parameters (`functions`: which ones, default all)."""
+    out = []
+    for name in names:
+        ns = toolbox.tools[name].namespace_config()
+        if not ns.tools:  # python: one recipient, code
+            out.append(tool_message(ns.name))
+        for t in ns.tools:
+            if functions is None or t.name in functions:
+                out.append(tool_message(f"{ns.name}.{t.name}", body=JsonBody(t.parameters or {"type": "object"})))
+    return out
+
+
+def builtin_choice(f: Fields, names: list[str]) -> str | None:
+    """The built-in tool that `tool_choice` forces ({"type": "code_interpreter"}, {"type": "web_search_preview"}), or None."""
+    choice = f.get("tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") not in BUILTIN_TOOL_TYPES:
+        return None
+    name = BUILTIN_TOOL_TYPES[choice["type"]]
+    if name not in names:
+        raise bad(f"'tool_choice' forces {choice['type']!r}, which 'tools' does not declare", "tool_choice")
+    return name
 
 
 def render(messages: list[ChatMessage], *, effort: str, tools, instructions=None, param="messages",
-           fmt: OutputFormat | None = None) -> list[int]:
+           system_tools=None, fmt: OutputFormat | None = None) -> list[int]:
     try:
         return render_prompt(messages, reasoning_effort=effort, tools=tools or None, instructions=instructions,
-                             response_format=None if fmt is None else fmt.section)
+                             system_tools=system_tools, response_format=None if fmt is None else fmt.section)
     except (ValueError, TypeError) as e:
         raise bad(str(e), param) from e
 
@@ -435,6 +493,12 @@ def completion_job(body: Any, limits: Limits, encode) -> Job:
 
 
 # ---- responses ---------------------------------------------------------------------------------------
+BUILTIN_CALL_ITEMS = ("code_interpreter_call", "web_search_call")
+# an earlier web_search_call's output, kept with the stored items (never shown by the API)
+TOOL_OUTPUT_KEY = "_output"
+_WEB_ACTIONS = {"search": ("search", "query"), "open_page": ("open", "url"), "find_in_page": ("find", "pattern")}
+
+
 def response_items(f: Fields, key: str = "input") -> list[dict]:
     """`input` as a list of items (a string is one user message); each checked."""
     v = f.get(key)
@@ -446,9 +510,28 @@ def response_items(f: Fields, key: str = "input") -> list[dict]:
         if not isinstance(item, dict):
             raise bad(f"'{key}[{i}]' must be an object", f"{key}[{i}]")
         kind = item.get("type", "message")
-        if kind not in ("message", "function_call", "function_call_output", "reasoning"):
+        if kind not in ("message", "function_call", "function_call_output", "reasoning", *BUILTIN_CALL_ITEMS):
             raise bad(f"'{key}[{i}].type' {kind!r} is not supported", f"{key}[{i}].type")
     return v
+
+
+def builtin_call_messages(item: dict, f: Fields) -> list[ChatMessage]:
+    """A code_interpreter_call or web_search_call item -> the harmony call and the tool's answer."""
+    if item["type"] == "code_interpreter_call":
+        outputs = f.list("outputs", [])
+        logs = "".join(o.get("logs", "") for o in outputs if isinstance(o, dict))
+        return [ChatMessage("assistant", f.str("code", ""), channel="analysis", recipient="python", content_type="code"),
+                ChatMessage("tool", logs, channel="analysis", name="python")]
+    action = f.obj("action")
+    kind = action.str("type", choices=tuple(_WEB_ACTIONS))
+    if kind is None:
+        raise bad(f"'{action.name('type')}' is required", action.name("type"))
+    fn, key = _WEB_ACTIONS[kind]
+    args = {"id" if key == "url" else key: action.str(key, "")}
+    output = item.get(TOOL_OUTPUT_KEY) or "(the output of this call was not kept)"
+    return [ChatMessage("assistant", json.dumps(args), channel="analysis", recipient=f"browser.{fn}",
+                        content_type="code"),
+            ChatMessage("tool", output, channel="analysis", name=f"browser.{fn}")]
 
 
 def items_to_messages(items: list[dict], param: str = "input") -> list[ChatMessage]:
@@ -469,6 +552,8 @@ def items_to_messages(items: list[dict], param: str = "input") -> list[ChatMessa
             text = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
             if text:
                 out.append(ChatMessage("assistant", text, channel="analysis"))
+        elif kind in BUILTIN_CALL_ITEMS:
+            out += builtin_call_messages(item, f)
         elif kind == "function_call":
             name, args = f.str("name"), f.get("arguments", "{}")
             if not name:
@@ -486,8 +571,9 @@ def items_to_messages(items: list[dict], param: str = "input") -> list[ChatMessa
     return out
 
 
-def responses_job(body: Any, limits: Limits, previous: list[dict] | None) -> Job:
-    """`previous`: the stored items (input and output) of `previous_response_id`, or None."""
+def responses_job(body: Any, limits: Limits, previous: list[dict] | None, toolbox: Toolbox | None = None) -> Job:
+    """`previous`: the stored items (input and output) of `previous_response_id`, or None; `toolbox`:
+    the server's built-in tools (declared in `tools` as code_interpreter / web_search)."""
     f = Fields(body)
     items = (previous or []) + response_items(f)
     messages = items_to_messages(items)
@@ -495,17 +581,27 @@ def responses_job(body: Any, limits: Limits, previous: list[dict] | None) -> Job
     if instructions is not None and messages and messages[0].role in ("system", "developer"):
         messages[0] = ChatMessage(messages[0].role, instructions + "\n\n" + messages[0].content)
         instructions = None
-    tools, forced = tool_choice(f, function_tools(f, flat=True), flat=True)
+    builtin = builtin_tools(f, toolbox)
+    forced_builtin = builtin_choice(f, builtin)
+    tools, forced = function_tools(f, flat=True, skip=BUILTIN_TOOL_TYPES), None
+    if forced_builtin is None:  # a forced built-in call is not a function tool_choice
+        tools, forced = tool_choice(f, tools, flat=True)
+    if f.get("tool_choice") == "none":
+        builtin = []
+    max_calls = f.int("max_tool_calls", toolbox.max_tool_calls, 1, toolbox.max_tool_calls) if builtin else 0
     fmt = output_format(f.obj("text").obj("format"))
     effort = f.obj("reasoning").str("effort", "medium", REASONING_EFFORTS)
-    prompt = render(messages, effort=effort, tools=tools, instructions=instructions, param="input", fmt=fmt)
+    prompt = render(messages, effort=effort, tools=tools, instructions=instructions, param="input",
+                    system_tools=toolbox.configs(builtin) if builtin else None, fmt=fmt)
     params = sampling(f, len(prompt), limits, ("max_output_tokens",), stops=stop_token_ids())
-    params = constrain(params, fmt, tools, forced, f.int("max_reasoning_tokens", None, 0), "tools",
-                       limits.vocab_size)
+    reasoning = f.int("max_reasoning_tokens", None, 0)  # a forced built-in call's too (tool_loop.force_builtin)
+    params = constrain(params, fmt, tools, forced, None if forced_builtin and fmt is None else reasoning, "tools",
+                       limits.vocab_size, builtin_calls(toolbox, builtin) if builtin else [])
     stream, _ = streaming(f)
     extra = dict(items=items, effort=effort, store=f.bool("store", True), instructions=f.str("instructions"),
                  tools=[t for t in f.list("tools", [])], tool_choice=f.get("tool_choice", "auto"),
                  previous_response_id=f.str("previous_response_id"), max_output_tokens=f.int("max_output_tokens"),
-                 temperature=f.float("temperature"), top_p=f.float("top_p"),
+                 temperature=f.float("temperature"), top_p=f.float("top_p"), builtin=builtin,
+                 forced_builtin=forced_builtin, max_tool_calls=max_calls, max_reasoning_tokens=reasoning,
                  text_format={"type": "text"} if fmt is None else fmt.echo)
     return Job(prompt, params, stream, False, [], True, extra=extra)

@@ -9,6 +9,7 @@ import sys
 import time
 
 from ..engine import Engine, SamplingParams
+from ..tools import Toolbox
 from .app import DEFAULT_MAX_WAITING, ServerConfig, create_app
 from .protocol import MAX_TOP_LOGPROBS_CHAT
 
@@ -42,7 +43,9 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, mesh: str | None = None,
           kernels: str = "auto", dtype: str = "bfloat16", api_key: str | None = None,
-          max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+          max_waiting: int = DEFAULT_MAX_WAITING, toolbox: Toolbox | None = None) -> None:
+    """Serve until interrupted. `toolbox`: the built-in tools Responses requests may use (the caller
+    closes it; the server closes its sessions when it stops)."""
     import uvicorn
 
     from ..api import load_model
@@ -70,11 +73,12 @@ def serve(model: str, *, served_model_name: str | None = None, host: str = "127.
     say(f"compiling (max_seqs={max_seqs}, max_len={max_len}, kernels={m.kernels}) ...")
     warm_up(engine)
     app = create_app(engine, ServerConfig(served_model_name or served_name(model), api_key=api_key,
-                                          max_waiting=max_waiting))
+                                          max_waiting=max_waiting), toolbox)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gptoss_jax.server").setLevel(logging.INFO)
     h, p = sock.getsockname()[:2]
+    tools = f", tools {', '.join(toolbox.names)}" if toolbox is not None else ""
     say(f"listening on http://{h}:{p} (model {app.state.gptoss.cfg.model_name!r}, ready in "
-        f"{time.perf_counter() - t:.1f} s{', API key required' if api_key else ''})")
+        f"{time.perf_counter() - t:.1f} s{', API key required' if api_key else ''}{tools})")
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

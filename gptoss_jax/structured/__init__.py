@@ -14,12 +14,12 @@ harmony messages; `matcher` computes the per-slot token masks the engine applies
 See docs/structured.md.
 """
 
-from .grammar import (Grammar, JsonBody, Message, RegexBody, TextBody, final_json, final_regex, function_call,
-                      harmony_reply, raw_grammar, tool_message)
+from .grammar import (Grammar, JsonBody, Message, RegexBody, Reply, TextBody, final_json, final_regex,
+                      function_call, harmony_reply, raw_grammar, tool_message)
 from .matcher import check_vocab, validate_grammar
 from .schema import SchemaError, fit_schema, normalize_schema
 
-__all__ = ["Grammar", "Message", "JsonBody", "TextBody", "RegexBody", "SchemaError", "harmony_reply", "final_json",
+__all__ = ["Grammar", "Reply", "Message", "JsonBody", "TextBody", "RegexBody", "SchemaError", "harmony_reply", "final_json",
            "final_regex", "function_call", "tool_message", "raw_grammar", "fit_schema", "normalize_schema",
            "request_grammar", "validate_grammar", "check_vocab"]
 
@@ -39,8 +39,10 @@ def request_grammar(params, vocab_size: int) -> Grammar | None:
         g = params.grammar
         if isinstance(g, str):
             g = raw_grammar(g)
+        elif isinstance(g, Reply):
+            g = g.grammar(params.max_tokens)
         if not isinstance(g, Grammar):
-            raise ValueError(f"grammar must be a structured.Grammar or lark text, got {type(g).__name__}")
+            raise ValueError(f"grammar must be a structured.Grammar, a Reply or lark text, got {type(g).__name__}")
         if params.max_reasoning_tokens is not None:
             raise ValueError("max_reasoning_tokens is set when building the grammar (harmony_reply), not with it")
         if g.max_tokens is not None and g.max_tokens > params.max_tokens:

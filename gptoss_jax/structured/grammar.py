@@ -34,8 +34,8 @@ from typing import Any, Sequence
 from .. import tokenizer as tk
 from .schema import BYTES_PER_CHAR, SchemaError, regex_width, fit_schema
 
-__all__ = ["Grammar", "Message", "JsonBody", "TextBody", "RegexBody", "harmony_reply", "final_json", "final_regex",
-           "function_call", "tool_message", "raw_grammar"]
+__all__ = ["Grammar", "Reply", "Message", "JsonBody", "TextBody", "RegexBody", "harmony_reply", "final_json",
+           "final_regex", "function_call", "tool_message", "raw_grammar"]
 
 ANALYSIS, FINAL, COMMENTARY = "analysis", "final", "commentary"
 CHANNELS = (ANALYSIS, COMMENTARY, FINAL)
@@ -168,6 +168,21 @@ def tool_message(recipient: str, *, channel: str = ANALYSIS, content_type: str |
 
 
 # ---- the reply ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """`harmony_reply`'s arguments without the budget: `SamplingParams(grammar=Reply(...))` builds the
+    grammar with the request's own max_tokens when it is added (so a copy of the params with another
+    max_tokens, as the built-in tool rounds make, gets a grammar of its own budget)."""
+
+    messages: tuple[Message, ...]
+    max_reasoning_tokens: int | None = None
+    reasoning: bool = True
+
+    def grammar(self, max_tokens: int) -> Grammar:
+        return harmony_reply(*self.messages, max_tokens=max_tokens, max_reasoning_tokens=self.max_reasoning_tokens,
+                             reasoning=self.reasoning)
+
+
 def harmony_reply(*messages: Message, max_tokens: int, max_reasoning_tokens: int | None = None,
                   reasoning: bool = True) -> Grammar:
     """The grammar of a harmony reply: an optional analysis message (at most `max_reasoning_tokens`
@@ -178,7 +193,8 @@ def harmony_reply(*messages: Message, max_tokens: int, max_reasoning_tokens: int
     calls (`function_call`, several for "one of these tools"), calls to built-in tools
     (`tool_message("python")`, `tool_message("browser.search", body=JsonBody(schema))`). Pass the
     result as `SamplingParams(grammar=...)`; the request's max_tokens must be at least
-    `Grammar.max_tokens`. Raises `SchemaError` (a ValueError) naming an unsupported schema feature,
+    `Grammar.max_tokens` (or pass `Reply(messages, max_reasoning_tokens)`, built at the request's
+    max_tokens). Raises `SchemaError` (a ValueError) naming an unsupported schema feature,
     or when `max_tokens` cannot hold the shortest reply."""
     if not messages:
         raise ValueError("harmony_reply needs at least one message")
