@@ -17,8 +17,8 @@ from typing import Any
 
 from ..engine import SamplingParams
 from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, ResponseFormat, render_prompt, stop_token_ids
-from ..structured import (JsonBody, Message, Reply, SchemaError, final_json, function_call, normalize_schema,
-                          tool_message, validate_grammar)
+from ..structured import (JsonBody, Message, Reply, SchemaError, TextBody, final_json, function_call,
+                          normalize_schema, tool_message, validate_grammar)
 from ..tools import Toolbox
 
 # OpenAI's limits: up to 4 stop sequences, 20 top logprobs (chat) and 5 (completions).
@@ -354,15 +354,15 @@ def builtin_tools(f: Fields, toolbox: Toolbox | None) -> list[str]:
     return names
 
 
-def builtin_calls(toolbox: Toolbox, names, functions=None) -> list[Message]:
+def builtin_calls(toolbox: Toolbox, names, functions=None, code_tokens: int | None = None) -> list[Message]:
     """Harmony call messages to built-in tools (analysis channel, content type `code`, as gpt-oss
-    calls them): python's code as free text, a browser function's JSON arguments valid for its
-    parameters (`functions`: which ones, default all)."""
+    calls them): python's code as free text (at most `code_tokens`, default what the budget leaves),
+    a browser function's JSON arguments valid for its parameters (`functions`: which, default all)."""
     out = []
     for name in names:
         ns = toolbox.tools[name].namespace_config()
         if not ns.tools:  # python: one recipient, code
-            out.append(tool_message(ns.name))
+            out.append(tool_message(ns.name, body=TextBody(code_tokens)))
         for t in ns.tools:
             if functions is None or t.name in functions:
                 out.append(tool_message(f"{ns.name}.{t.name}", body=JsonBody(t.parameters or {"type": "object"})))

@@ -38,11 +38,13 @@ def force_builtin(params: SamplingParams, tool: str, toolbox: Toolbox,
                   max_reasoning_tokens: int | None = None) -> SamplingParams:
     """The first round's sampling when `tool_choice` forces the built-in `tool`: the grammar of an
     optional analysis message (at most `max_reasoning_tokens`, default half the budget), then the
-    call `<|channel|>analysis to=python code<|message|>CODE<|call|>` (CODE free text within the
-    budget) or, for the browser, `to=browser.search code` with JSON arguments that validate against
-    the namespace's `search` parameters; `<|call|>` closes it within `params.max_tokens` for any
-    weights. A budget too small for the call is refused (400) before the response starts."""
-    reply = Reply(tuple(builtin_calls(toolbox, [tool], functions={"search"})), max_reasoning_tokens)
+    call `<|channel|>analysis to=python code<|message|>CODE<|call|>` (CODE free text of at most half
+    the budget: the rounds after the call need the rest) or, for the browser, `to=browser.search
+    code` with JSON arguments that validate against the namespace's `search` parameters; `<|call|>`
+    closes it within `params.max_tokens` for any weights. A budget too small for the call is refused
+    (400) before the response starts."""
+    calls = builtin_calls(toolbox, [tool], functions={"search"}, code_tokens=max(1, params.max_tokens // 2))
+    reply = Reply(tuple(calls), max_reasoning_tokens)
     try:
         reply.grammar(params.max_tokens)
     except ValueError as e:
