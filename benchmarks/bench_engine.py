@@ -2,7 +2,7 @@
 slot occupancy, for a fixed random mix of requests arriving at once and as a Poisson stream.
 
     python benchmarks/bench_engine.py [--requests 64] [--max-seqs 16] [--prefill-chunk 512] [--json]
-    python benchmarks/bench_engine.py --structured [--requests 48] [--max-seqs 16] [--json]
+    python benchmarks/bench_engine.py --structured [--requests 32] [--max-seqs 16] [--json]
 
 The mix: prompt lengths uniform in 16..1024, max_tokens uniform in 16..256 (seed 0), sampling settings
 mixed (greedy, temperature 0.7 / top-p 0.9, temperature 1.0), no stop token (a random checkpoint: every
@@ -14,9 +14,9 @@ its measured durations. Compiles are excluded (warm-up on every shape). Measured
 device is present: on CPU, label the figures as CPU figures.
 
 `--structured`: constrained decoding's cost. The same burst of requests (a harmony prompt, max_tokens
-128) with 0%, 50% and 100% of them constrained by a JSON schema (reasoning budget 96: random weights
-reason until the budget closes the analysis, so constrained replies are about as long as the
-unconstrained ones), on a model with the real o200k_harmony vocabulary (201,088: grammars need real
+96, temperature 1.0) with 0%, 50% and 100% of them constrained by a JSON schema (reasoning budget 64:
+random weights reason until the budget closes the analysis, so constrained replies are about as long
+as the unconstrained ones), on a model with the real o200k_harmony vocabulary (201,088: grammars need real
 tokens). Reports output tokens/s, inter-token latency and the host time per mask (llguidance), with
 the ratios to 0% (goal: under 10% throughput loss at 100%).
 """
@@ -68,17 +68,18 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs, np.float64), q)) if len(xs) else float("nan")
 
 
-def run_engine(eng, reqs, arrivals, tag: str):
-    """Serve `reqs` arriving at `arrivals` (seconds from the start); per-token report times."""
+def serve(eng, requests, arrivals, tag: str):
+    """Serve (prompt, params) pairs arriving at `arrivals` (seconds from the start): (per-token
+    report times by request index, wall seconds, the engine's stats of this run)."""
     order = np.argsort(arrivals, kind="stable")
     t0 = time.perf_counter()
-    times = {i: [] for i in range(len(reqs))}
-    nxt, steps0 = 0, dict(eng.stats)
-    while nxt < len(reqs) or eng.has_unfinished_requests():
+    times = {i: [] for i in range(len(requests))}
+    nxt, stats0 = 0, dict(eng.stats)
+    while nxt < len(requests) or eng.has_unfinished_requests():
         now = time.perf_counter() - t0
-        while nxt < len(reqs) and arrivals[order[nxt]] <= now:
+        while nxt < len(requests) and arrivals[order[nxt]] <= now:
             i = int(order[nxt])
-            eng.add_request(reqs[i]["prompt"], params_of(reqs[i]), request_id=f"{tag}{i}")
+            eng.add_request(*requests[i], request_id=f"{tag}{i}")
             nxt += 1
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, arrivals[order[nxt]] - now))
@@ -88,7 +89,12 @@ def run_engine(eng, reqs, arrivals, tag: str):
         for o in outs:
             times[int(o.request_id[len(tag):])] += [t] * len(o.new_token_ids)
     wall = time.perf_counter() - t0
-    stats = {k: eng.stats[k] - steps0.get(k, 0) for k in eng.stats}
+    return times, wall, {k: eng.stats[k] - stats0.get(k, 0) for k in eng.stats}
+
+
+def run_engine(eng, reqs, arrivals, tag: str):
+    """Serve `reqs` arriving at `arrivals`; the figures of `summarize`."""
+    times, wall, stats = serve(eng, [(r["prompt"], params_of(r)) for r in reqs], arrivals, tag)
     return summarize(reqs, arrivals, times, wall, occupancy=stats["decode_tokens"] / max(1, stats["decode_steps"])
                      / eng.max_seqs, steps=stats["steps"])
 
@@ -180,7 +186,7 @@ def structured_main(args):
     model = load_model(path, dtype=args.dtype, kernels="auto", progress=False)
     prompt = render_prompt([{"role": "user", "content": "What is the weather this week in Paris?"}],
                            reasoning_effort="low", response_format=ResponseFormat("forecast", STRUCTURED_SCHEMA))
-    max_tokens, reasoning = 128, 96
+    max_tokens, reasoning = 96, 64
     eng = Engine(model, max_seqs=args.max_seqs, max_len=len(prompt) + max_tokens, prefill_chunk=args.prefill_chunk)
 
     def params(i, constrained):
@@ -188,19 +194,9 @@ def structured_main(args):
         return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, **kw)
 
     def burst(frac, n, tag):
-        k = round(frac * n)
-        stats0 = dict(eng.stats)
-        times = {i: [] for i in range(n)}
-        for i in range(n):  # constrained ones spread evenly through the queue
-            eng.add_request(prompt, params(i, i * k // n != (i + 1) * k // n), request_id=f"{tag}{i}")
-        t0 = time.perf_counter()
-        while eng.has_unfinished_requests():
-            outs = eng.step()
-            t = time.perf_counter() - t0
-            for o in outs:
-                times[int(o.request_id[len(tag):])] += [t] * len(o.new_token_ids)
-        wall = time.perf_counter() - t0
-        st = {key: eng.stats[key] - stats0.get(key, 0) for key in eng.stats}
+        k = round(frac * n)  # the constrained ones spread evenly through the queue
+        requests = [(prompt, params(i, i * k // n != (i + 1) * k // n)) for i in range(n)]
+        times, wall, st = serve(eng, requests, np.zeros(n), tag)
         itl = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
         tokens = sum(len(ts) for ts in times.values())
         return dict(constrained=k, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
@@ -231,7 +227,7 @@ def structured_main(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=None, help="default 64 (--structured: 32)")
     ap.add_argument("--max-prompt", type=int, default=1024)
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument("--max-seqs", type=int, default=16)
@@ -243,7 +239,9 @@ def main():
     ap.add_argument("--structured", action="store_true", help="0%% / 50%% / 100%% constrained requests instead")
     args = ap.parse_args()
     if args.structured:
+        args.requests = args.requests or 32
         return structured_main(args)
+    args.requests = args.requests or 64
     import jax
 
     from gptoss_jax import Engine, load_model, write_random_checkpoint

@@ -44,7 +44,7 @@ def check_vocab(vocab_size: int) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def ll_tokenizer(vocab_size: int = tk.VOCAB_SIZE):
+def ll_tokenizer(vocab_size: int):
     """llguidance's tokenizer over o200k_harmony with `vocab_size` ids (built once: ~1 s)."""
     check_vocab(vocab_size)
     # EOS: <|endoftext|>, a token our grammars never name, so <|return|> / <|call|> stay plain specials
