@@ -420,6 +420,19 @@ class _Request:
         return self.p["chunk"]
 
 
+def _merge_output(outs: dict, o: RequestOutput) -> None:
+    """Add `o` to the step's outputs, appending to an earlier one of the same request."""
+    prev = outs.setdefault(o.request_id, o)
+    if prev is o:
+        return
+    prev.new_token_ids += o.new_token_ids
+    for name in ("logprobs", "top_logprobs"):
+        if getattr(o, name):
+            setattr(prev, name, (getattr(prev, name) or []) + getattr(o, name))
+    if o.finished:
+        prev.finished, prev.finish_reason = True, o.finish_reason
+
+
 def _aborted(r: _Request) -> RequestOutput:
     return RequestOutput(r.rid, [], True, "abort", [] if r.p["logprobs"] else None, [] if r.p["top_logprobs"] else None)
 
@@ -666,8 +679,7 @@ class Engine:
             r.state, r.slot = "prefill", slot
             self._slots[slot] = rid
         now = _Dispatched()
-        outs: dict[Any, RequestOutput] = {o.request_id: o for o in self._outbox}
-        self._outbox = []
+        outs: dict[Any, RequestOutput] = {}
         try:
             for rid, slot, start, n in plan["chunks"]:
                 self._run_chunk(self._requests[rid], start, n, now)
@@ -677,6 +689,9 @@ class Engine:
                 self._run_constrained_decode(decoding, now, outs)
             elif any(rid is not None for rid in decoding):
                 self._run_decode(decoding, now)
+        except BaseException:
+            self._outbox = list(outs.values()) + self._outbox  # what this step read is reported next step
+            raise
         finally:
             dispatched = bool(now.firsts or now.decode)
             if dispatched:
@@ -770,8 +785,11 @@ class Engine:
             self._to_release = []
 
     def _collect(self, ready: list[_Dispatched], outs: dict) -> None:
-        """Read the sampled ids back (one transfer) and add them to `outs`; finished requests free
-        their slot, constrained ones advance their matcher."""
+        """Read the sampled ids back (one transfer) and add them to `outs` (after the outputs waiting
+        in the outbox); finished requests free their slot, constrained ones advance their matcher."""
+        for o in self._outbox:
+            _merge_output(outs, o)
+        self._outbox = []
         host = _to_host([([(tok, lp) for _, tok, lp in d.firsts], d.decode) for d in ready])
         for d, (firsts, dec) in zip(ready, host):
             for (rid, _, _), (tok, (lp, top_v, top_i)) in zip(d.firsts, firsts):

@@ -314,12 +314,12 @@ def constrain(params: list[SamplingParams], fmt: OutputFormat | None, tools: lis
         return params
     calls = []
     for i, t in enumerate(tools):
-        if t.parameters is not None:
-            try:
+        try:
+            if t.parameters is not None:
                 normalize_schema(t.parameters)
-            except SchemaError as e:
-                raise bad(f"tool {t.name!r}: {e}", f"{tool_param}[{i}]") from e
-        calls.append(function_call(t.name, t.parameters))
+            calls.append(function_call(t.name, t.parameters))
+        except ValueError as e:
+            raise bad(f"tool {t.name!r}: {e}", f"{tool_param}[{i}]") from e
     if forced is not None:
         msgs = [calls[tools.index(t)] for t in forced]
     else:
