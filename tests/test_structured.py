@@ -201,6 +201,7 @@ def constrained(schema, seed, max_tokens=64, reasoning=0):
 ENGINE_SCHEMAS = ("nested", "array", "enum", "numbers", "flags", "open")  # "choice": host-only above
 
 
+@pytest.mark.slow  # 120 replies of 201,088-way sampling: about a minute on 2 CPU cores
 def test_random_weights_give_valid_json_for_every_schema(model, prompt):
     """6 schemas x 20 replies sampled at temperature 1.0 from random weights: each parses and
     validates; none ends by length."""
