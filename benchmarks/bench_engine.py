@@ -5,6 +5,7 @@ token for a repeated 2k-token prefix with and without the prefix cache.
 
     python benchmarks/bench_engine.py [--requests 64] [--max-seqs 16] [--prefill-chunk 512]
                                       [--sections throughput,capacity,prefix] [--json]
+    python benchmarks/bench_engine.py --structured [--requests 32] [--max-seqs 16] [--json]
 
 The mix: prompt lengths uniform in 16..1024, max_tokens uniform in 16..256 (seed 0), sampling settings
 mixed (greedy, temperature 0.7 / top-p 0.9, temperature 1.0), no stop token (a random checkpoint: every
@@ -23,6 +24,14 @@ as many as their real lengths fit, preempting when they outgrow the pool. Both s
 sequences in slots, tokens/s, preemptions.
 Prefix: requests of one 2048-token prefix + 32 own tokens, one at a time, max_tokens 1 (the time to
 first token is the prefill); the prefix cache prefills only the 32 (+ up to a page) after the first.
+
+`--structured`: constrained decoding's cost. The same burst of requests (a harmony prompt, max_tokens
+96, temperature 1.0) with 0%, 50% and 100% of them constrained by a JSON schema (reasoning budget 64:
+random weights reason until the budget closes the analysis, so constrained replies are about as long
+as the unconstrained ones), on a model with the real o200k_harmony vocabulary (201,088: grammars need real
+tokens). Reports the time of a step that decodes every slot (the throughput at equal occupancy, and its
+ratio to 0%: goal under 10% loss at 100%), inter-token latency, the burst's output tokens/s and the
+host time per mask (llguidance).
 """
 
 from __future__ import annotations
@@ -72,27 +81,38 @@ def pct(xs, q):
     return float(np.percentile(np.asarray(xs, np.float64), q)) if len(xs) else float("nan")
 
 
-def run_engine(eng, reqs, arrivals, tag: str):
-    """Serve `reqs` arriving at `arrivals` (seconds from the start); per-token report times."""
+def serve(eng, requests, arrivals, tag: str, step_log: list | None = None):
+    """Serve (prompt, params) pairs arriving at `arrivals` (seconds from the start): (per-token
+    report times by request index, wall seconds, the engine's stats of this run). `step_log` gets
+    (seconds, decode tokens, prefill tokens) per step."""
     order = np.argsort(arrivals, kind="stable")
     t0 = time.perf_counter()
-    times = {i: [] for i in range(len(reqs))}
-    nxt, steps0 = 0, dict(eng.stats)
-    while nxt < len(reqs) or eng.has_unfinished_requests():
+    times = {i: [] for i in range(len(requests))}
+    nxt, stats0 = 0, dict(eng.stats)
+    while nxt < len(requests) or eng.has_unfinished_requests():
         now = time.perf_counter() - t0
-        while nxt < len(reqs) and arrivals[order[nxt]] <= now:
+        while nxt < len(requests) and arrivals[order[nxt]] <= now:
             i = int(order[nxt])
-            eng.add_request(reqs[i]["prompt"], params_of(reqs[i]), request_id=f"{tag}{i}")
+            eng.add_request(*requests[i], request_id=f"{tag}{i}")
             nxt += 1
         if not eng.has_unfinished_requests():
             time.sleep(max(0.0, arrivals[order[nxt]] - now))
             continue
+        before = (time.perf_counter(), eng.stats["decode_tokens"], eng.stats["prefill_tokens"])
         outs = eng.step()
         t = time.perf_counter() - t0
+        if step_log is not None:
+            step_log.append((time.perf_counter() - before[0], eng.stats["decode_tokens"] - before[1],
+                             eng.stats["prefill_tokens"] - before[2]))
         for o in outs:
             times[int(o.request_id[len(tag):])] += [t] * len(o.new_token_ids)
     wall = time.perf_counter() - t0
-    stats = {k: eng.stats[k] - steps0.get(k, 0) for k in eng.stats}
+    return times, wall, {k: eng.stats[k] - stats0.get(k, 0) for k in eng.stats}
+
+
+def run_engine(eng, reqs, arrivals, tag: str):
+    """Serve `reqs` arriving at `arrivals`; the figures of `summarize`."""
+    times, wall, stats = serve(eng, [(r["prompt"], params_of(r)) for r in reqs], arrivals, tag)
     return summarize(reqs, arrivals, times, wall, occupancy=stats["decode_tokens"] / max(1, stats["decode_steps"])
                      / eng.max_seqs, steps=stats["steps"])
 
@@ -230,9 +250,83 @@ def bench_prefix(model, args):
     return out
 
 
+STRUCTURED_SCHEMA = {  # a realistic answer: nested object, array, enum, bounded numbers, strings
+    "type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "days": {"type": "array", "maxItems": 4, "items": {"type": "object", "properties": {
+            "day": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]},
+            "high": {"type": "integer", "minimum": -60, "maximum": 60},
+            "rain": {"type": "number", "minimum": 0, "maximum": 1},
+            "summary": {"type": "string", "maxLength": 40}}, "required": ["day", "high"]}},
+        "alert": {"type": "boolean"}}, "required": ["city", "days"]}
+
+
+def structured_main(args):
+    """0% / 50% / 100% constrained requests through one warm engine (see the module docstring)."""
+    import jax
+
+    from gptoss_jax import Engine, SamplingParams, load_model, write_random_checkpoint
+    from gptoss_jax.harmony import ResponseFormat, render_prompt
+    from gptoss_jax.tokenizer import VOCAB_SIZE
+
+    cfg = bench_config().replace(vocab_size=VOCAB_SIZE)
+    path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    write_random_checkpoint(cfg, path, progress=False)
+    model = load_model(path, dtype=args.dtype, kernels="auto", progress=False)
+    prompt = render_prompt([{"role": "user", "content": "What is the weather this week in Paris?"}],
+                           reasoning_effort="low", response_format=ResponseFormat("forecast", STRUCTURED_SCHEMA))
+    max_tokens, reasoning = 96, 64
+    eng = Engine(model, max_seqs=args.max_seqs, max_len=len(prompt) + max_tokens, prefill_chunk=args.prefill_chunk)
+
+    def params(i, constrained):
+        kw = dict(json_schema=STRUCTURED_SCHEMA, max_reasoning_tokens=reasoning) if constrained else {}
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, **kw)
+
+    def burst(frac, n, tag):
+        k = round(frac * n)  # the constrained ones spread evenly through the queue
+        requests = [(prompt, params(i, i * k // n != (i + 1) * k // n)) for i in range(n)]
+        log = []
+        times, wall, st = serve(eng, requests, np.zeros(n), tag, log)
+        itl = [b - a for ts in times.values() for a, b in zip(ts, ts[1:])]
+        tokens = sum(len(ts) for ts in times.values())
+        # steps that decode every slot and prefill nothing: the cost of a step at equal occupancy
+        # (throughput = max_seqs / it), whatever the replies' lengths
+        full = [dt for dt, dec, pre in log if dec == args.max_seqs and pre == 0]
+        return dict(constrained=k, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+                    full_steps=len(full), full_step_ms=1e3 * float(np.mean(full)) if full else float("nan"),
+                    itl_p50=pct(itl, 50), itl_p99=pct(itl, 99), masks=st.get("masks", 0),
+                    mask_ms=1e3 * st.get("mask_seconds", 0.0) / max(1, st.get("masks", 0)),
+                    mask_step_ms=1e3 * st.get("mask_seconds", 0.0) / max(1, st.get("constrained_steps", 0)))
+
+    t = time.perf_counter()
+    for frac in (0.0, 1.0):  # warm-up: both decode paths, the prefill bucket, the grammar's compile
+        burst(frac, 2, f"w{frac}-")
+    warm_s = time.perf_counter() - t
+    results = {frac: burst(frac, args.requests, f"b{frac}-") for frac in (0.0, 0.5, 1.0)}
+    dev = jax.devices()[0]
+    label = "CPU figures" if dev.platform == "cpu" else f"{dev.device_kind}"
+    print(f"device: {dev.platform} ({label}); model: 4 layers, d=256, 16 experts top-4, vocab {VOCAB_SIZE}, "
+          f"{args.dtype}; {args.requests} requests at once, prompt {len(prompt)} tokens, max_tokens {max_tokens}, "
+          f"temperature 1.0; engine max_seqs {args.max_seqs}; warm-up (compiles) {warm_s:.0f} s")
+    print(f"{'constrained':<13}{'full step':>10}{'tok/s':>8}{'ratio':>8}{'ITL p50':>10}{'ITL p99':>10}"
+          f"{'out tok/s':>10}{'masks':>7}{'host/mask':>11}{'host/step':>11}")
+    base = results[0.0]
+    for frac, r in results.items():
+        full_tps = args.max_seqs / r["full_step_ms"] * 1e3
+        ratio = base["full_step_ms"] / r["full_step_ms"]
+        print(f"{frac:<13.0%}{r['full_step_ms']:>8.1f}ms{full_tps:>8.1f}{ratio:>7.2f}x{r['itl_p50'] * 1e3:>8.1f}ms"
+              f"{r['itl_p99'] * 1e3:>8.1f}ms{r['tokens_per_s']:>10.1f}{r['masks']:>7}{r['mask_ms']:>9.2f}ms"
+              f"{r['mask_step_ms']:>9.1f}ms")
+    print("full step: the mean step that decodes every slot and prefills nothing; tok/s = max_seqs / it, the "
+          "throughput at equal occupancy (ratio to 0%); out tok/s: the whole burst (constrained replies end "
+          f"sooner, so it also measures the tail) ({label})")
+    if args.json:
+        print(json.dumps(dict(device=dev.platform, label=label, results={str(k): v for k, v in results.items()})))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=None, help="default 64 (--structured: 32)")
     ap.add_argument("--max-prompt", type=int, default=1024)
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument("--max-seqs", type=int, default=16)
@@ -246,7 +340,12 @@ def main():
     ap.add_argument("--capacity-requests", type=int, default=32)
     ap.add_argument("--prefix-requests", type=int, default=5, help="prefix: measured requests (after 2 warm-up)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--structured", action="store_true", help="0%% / 50%% / 100%% constrained requests instead")
     args = ap.parse_args()
+    if args.structured:
+        args.requests = args.requests or 32
+        return structured_main(args)
+    args.requests = args.requests or 64
     sections = set(args.sections.split(","))
     import jax
 

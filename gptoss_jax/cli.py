@@ -83,10 +83,11 @@ class _Reply:
     calls: list  # harmony's closed tool calls (ToolCall)
 
 
-def _print_reply(model, prompt, args, *, harmony: bool, max_tokens: int | None = None) -> _Reply:
+def _print_reply(model, prompt, args, *, harmony: bool, max_tokens: int | None = None, source=None) -> _Reply:
     """Stream the reply to stdout as it is generated and return it. Read as harmony (the answer; the
     reasoning too with --show-reasoning) or, with harmony=False, as plain text. Output that is not
-    valid harmony (an untrained model) is printed as its raw text, never dropped."""
+    valid harmony (an untrained model) is printed as its raw text, never dropped. `source`: the
+    reply's tokens ([1] arrays) when not from `generate_stream` (a constrained reply's engine)."""
     from .generate import generate_stream
     from .harmony import CompletionDecoder
 
@@ -107,10 +108,12 @@ def _print_reply(model, prompt, args, *, harmony: bool, max_tokens: int | None =
             sys.stdout.write(d.text)
             sys.stdout.flush()
 
-    kw = _sampling_kwargs(args)
-    if max_tokens is not None:
-        kw["max_new_tokens"] = max_tokens
-    for tok in generate_stream(model, [prompt], **kw):
+    if source is None:
+        kw = _sampling_kwargs(args)
+        if max_tokens is not None:
+            kw["max_new_tokens"] = max_tokens
+        source = generate_stream(model, [prompt], **kw)
+    for tok in source:
         tokens.append(int(tok[0]))
         show(decoder.feed(int(tok[0])))
         if decoder.done or int(tok[0]) in stops:
@@ -182,6 +185,43 @@ def _toolbox(args):
                         max_tool_calls=args.max_tool_calls)
 
 
+def _read_schema(args):
+    """--json-schema FILE, checked (features and token budget) before the model loads."""
+    from pathlib import Path
+
+    from .structured import final_json, harmony_reply
+
+    if args.json_schema is None:
+        if args.max_reasoning_tokens is not None:
+            raise ValueError("--max-reasoning-tokens applies with --json-schema")
+        return None
+    if args.raw or args.tool:
+        raise ValueError("--json-schema constrains one harmony reply: leave out --raw and --tool")
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--json-schema {path}: not valid JSON ({e})") from e
+    harmony_reply(final_json(schema), max_tokens=args.max_tokens, max_reasoning_tokens=args.max_reasoning_tokens)
+    name = schema.get("title") if isinstance(schema, dict) and isinstance(schema.get("title"), str) else path.stem
+    return name, schema
+
+
+def _constrained_tokens(model, prompt, args, schema):
+    """The reply's tokens from a one-slot engine that applies the schema's token masks."""
+    import numpy as np
+
+    from .engine import Engine, SamplingParams
+
+    eng = Engine(model, max_seqs=1, max_len=len(prompt) + args.max_tokens)
+    eng.add_request(prompt, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                           top_k=args.top_k, seed=args.seed, json_schema=schema,
+                                           max_reasoning_tokens=args.max_reasoning_tokens))
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            yield from (np.array([t]) for t in o.new_token_ids)
+
+
 def _cmd_generate(args):
     from .tokenizer import load_tokenizer
 
@@ -190,12 +230,19 @@ def _cmd_generate(args):
     if args.raw and args.tool:
         raise ValueError("--tool needs the chat format: drop --raw")
     _check_run_args(args)
+    fmt = _read_schema(args)
     enc = load_tokenizer()
     toolbox = _toolbox(args)
     try:
         model = _load(args)
         print("compiling ...", file=sys.stderr)  # the first tokens wait for prefill and decode to compile
-        if args.raw:
+        if fmt is not None:
+            from .harmony import ResponseFormat, render_prompt
+
+            prompt = render_prompt([{"role": "user", "content": args.prompt}], reasoning_effort=args.reasoning_effort,
+                                   response_format=ResponseFormat(fmt[0], fmt[1]))
+            _print_reply(model, prompt, args, harmony=True, source=_constrained_tokens(model, prompt, args, fmt[1]))
+        elif args.raw:
             _print_reply(model, enc.encode(args.prompt, allowed_special="all"), args, harmony=False)
         else:
             _assistant_turn(model, [{"role": "user", "content": args.prompt}], args, toolbox)
@@ -382,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate from a prompt (harmony chat format unless --raw), streamed")
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="complete the prompt text as is, no chat format")
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="a JSON schema file: the answer is JSON that validates against it (docs/structured.md)")
+    g.add_argument("--max-reasoning-tokens", type=int, default=None,
+                   help="with --json-schema: the analysis budget (default half of --max-tokens)")
     _add_run_options(g)
     _add_tool_options(g)
     g.set_defaults(fn=_cmd_generate)

@@ -39,6 +39,8 @@ import collections
 import dataclasses
 import functools
 import json
+import logging
+import time
 from typing import Any, Sequence
 
 import flax.struct
@@ -52,8 +54,11 @@ from .generate import MIN_BUCKET, STOP_SLOTS, _next_pow2
 from .kv import BlockTables, PagedCache, PagePool, SlotCache, free_device_bytes
 from .model import GptOss
 from .sampling import sample_rows, token_logprobs, validate_sampling
+from .structured import Grammar, request_grammar
+from .structured.matcher import Constraint, ConstraintError, MaskBatch, mask_words
 
 FINISH_REASONS = ("stop", "length", "abort")
+log = logging.getLogger("gptoss_jax.engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,15 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # also the most likely tokens at each step (<= the engine's top_logprobs)
+    # Constrained decoding (docs/structured.md), at most one of the three: the reply is harmony (an
+    # optional analysis message of at most max_reasoning_tokens, default max_tokens // 2, then the
+    # final message) whose answer validates against `json_schema` (a dict or JSON text) or fully
+    # matches `regex`; or it follows `grammar` (a `structured.Grammar` from `harmony_reply`, e.g. a
+    # forced tool call, or llguidance lark text). Replies end within max_tokens for any weights.
+    json_schema: Any = None
+    regex: str | None = None
+    grammar: Any = None
+    max_reasoning_tokens: int | None = None
 
 
 @dataclasses.dataclass
@@ -120,6 +134,7 @@ class RequestArrays:
     seed_key: jax.Array  # [1, 2] uint32, key_data(key(seed))
     stop: jax.Array
     max_tokens: jax.Array
+    mask: jax.Array  # [1, ceil(V / 32)] int32, the tokens allowed first (-1: all)
     n_gen: jax.Array  # [1] int32, tokens the request already has (a preempted one resumes): the draw's index
 
 
@@ -137,6 +152,15 @@ def _slot_specs(model: GptOss, slots):
     return jax.tree.map(lambda a: model.runtime.spec(("batch",) + (None,) * (a.ndim - 1), a.shape), slots)
 
 
+def apply_masks(logits_NV, masks_NW):
+    """Logits with -inf where the packed masks (bit t % 32 of word t // 32: token t allowed) say
+    no. An all-ones mask returns the logits unchanged, bit for bit."""
+    N, V = logits_NV.shape
+    bits = (masks_NW[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(N, -1)[:, :V].astype(bool)
+    return jnp.where(allowed, logits_NV, jnp.asarray(-jnp.inf, logits_NV.dtype))
+
+
 def _logprobs(logits_NV, tok_N, k: int):
     """(logprob of tok [N], the k best logprobs [N, k], their ids [N, k]) of the raw logits."""
     lp = token_logprobs(logits_NV, tok_N)
@@ -151,7 +175,8 @@ def _sample_first(logits_1V, req: RequestArrays, k: int):
     fold_in(request key, n), request key = fold_in(key(seed), 0)."""
     key = jax.random.fold_in(jax.random.wrap_key_data(req.seed_key[0]), 0)
     draw = jax.random.fold_in(key, req.n_gen[0])[None]
-    tok = sample_rows(logits_1V, draw, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+    tok = sample_rows(apply_masks(logits_1V, req.mask), draw, temperature=req.temperature, top_p=req.top_p,
+                      top_k=req.top_k)
     return tok, _logprobs(logits_1V, tok, k), jax.random.key_data(key)
 
 
@@ -198,16 +223,9 @@ def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache | Pa
     B = slots.tok.shape[0]
 
     def one(model, cache, slots):
-        live = slots.live
-        logits, cache = kv.decode(model, cache, slots.tok, live.astype(jnp.int32))
-        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(slots.key_data), slots.n_gen)
-        tok = sample_rows(logits, keys, temperature=slots.temperature, top_p=slots.top_p, top_k=slots.top_k)
-        lp, top_v, top_i = _logprobs(logits, tok, top_logprobs)
-        n_gen = slots.n_gen + live.astype(jnp.int32)
-        still = live & ~jnp.any(tok[:, None] == slots.stop, axis=1) & (n_gen < slots.max_tokens)
-        slots = slots.replace(tok=jnp.where(live, tok, slots.tok), n_gen=n_gen, live=still,
-                              temperature=jnp.where(still, slots.temperature, 0.0))
-        return cache, slots, (tok, live, lp, top_v, top_i)
+        logits, cache = kv.decode(model, cache, slots.tok, slots.live.astype(jnp.int32))
+        slots, out = _sample_step(logits, slots, top_logprobs)
+        return cache, slots, out
 
     def body(model, cache, slots):
         if steps == 1:
@@ -229,6 +247,52 @@ def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache | Pa
 
     specs = (model.runtime.cache_specs(cache), _slot_specs(model, slots), (P(),) * 5)
     return model.within_runtime(body, specs, cache, slots)
+
+
+def _sample_step(logits, slots: SlotState, top_logprobs: int, masks=None):
+    """One token for every live slot from its logits [B, V] (masked when `masks` is given; the
+    logprobs are the raw logits'); stops and lengths end slots. Returns (slots, (tok, emitted, lp,
+    top values, top ids))."""
+    live = slots.live
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(slots.key_data), slots.n_gen)
+    drawn_from = logits if masks is None else apply_masks(logits, masks)
+    tok = sample_rows(drawn_from, keys, temperature=slots.temperature, top_p=slots.top_p, top_k=slots.top_k)
+    lp, top_v, top_i = _logprobs(logits, tok, top_logprobs)
+    n_gen = slots.n_gen + live.astype(jnp.int32)
+    still = live & ~jnp.any(tok[:, None] == slots.stop, axis=1) & (n_gen < slots.max_tokens)
+    slots = slots.replace(tok=jnp.where(live, tok, slots.tok), n_gen=n_gen, live=still,
+                          temperature=jnp.where(still, slots.temperature, 0.0))
+    return slots, (tok, live, lp, top_v, top_i)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv"), donate_argnames=("cache",))
+def forward_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache | PagedCache):
+    """The forward half of a constrained decode step: (cache, logits [B, V]) for every live slot's
+    last token; the logits stay on the device for `sample_slots`, which takes the host's masks."""
+    model = nnx.merge(graphdef, state)
+    B, V = slots.tok.shape[0], model.config.vocab_size
+
+    def body(model, cache, slots):
+        logits, cache = kv.decode(model, cache, slots.tok, slots.live.astype(jnp.int32))
+        return cache, logits
+
+    specs = (model.runtime.cache_specs(cache), model.runtime.logits_spec((B, V)))
+    return model.within_runtime(body, specs, cache, slots)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_logprobs"), donate_argnames=("slots",))
+def sample_slots(graphdef, state, logits, slots: SlotState, masks, *, top_logprobs: int = 0):
+    """The sampling half: one token per live slot from `logits` [B, V] masked by `masks`
+    [B, ceil(V / 32)] int32 (-1 rows: unconstrained, the same tokens as `decode_slots`). Returns
+    (slots, outputs as `decode_slots`' with steps = 1)."""
+    model = nnx.merge(graphdef, state)
+
+    def body(model, logits, slots, masks):
+        slots, out = _sample_step(logits, slots, top_logprobs, masks)
+        return slots, tuple(_replicate(model, x[None]) for x in out)
+
+    specs = (_slot_specs(model, slots), (P(),) * 5)
+    return model.within_runtime(body, specs, logits, slots, masks)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -269,6 +333,7 @@ class _Request:
     out: list = dataclasses.field(default_factory=list)  # tokens reported (a preempted request recomputes them)
     kv_len: int = 0  # positions written once everything dispatched has run (paged: pages cover them)
     chunk: int = 0  # prefill chunk bucket, set at admission
+    constraint: Any = None  # structured.matcher.Constraint of a constrained request
 
     @property
     def tokens(self) -> np.ndarray:
@@ -279,6 +344,19 @@ class _Request:
     def cap(self) -> int:
         """Positions it ever writes: the prompt and every generated token but the last."""
         return len(self.prompt) + self.p["max_tokens"] - 1
+
+
+def _merge_output(outs: dict, o: RequestOutput) -> None:
+    """Add `o` to the step's outputs, appending to an earlier one of the same request."""
+    prev = outs.setdefault(o.request_id, o)
+    if prev is o:
+        return
+    prev.new_token_ids += o.new_token_ids
+    for name in ("logprobs", "top_logprobs"):
+        if getattr(o, name):
+            setattr(prev, name, (getattr(prev, name) or []) + getattr(o, name))
+    if o.finished:
+        prev.finished, prev.finish_reason = True, o.finish_reason
 
 
 def _aborted(r: _Request) -> RequestOutput:
@@ -352,8 +430,10 @@ class Engine:
         self._next_id = 0
         self._seq = 0
         # steps, decode_steps (those with a live slot), decode_tokens, prefill_tokens, output_tokens;
+        # constrained_steps (decode steps with a constrained slot), masks and mask_seconds (host time);
         # paged: preemptions, prefix_hit_tokens (prompt tokens a prefix hit skipped)
         self.stats = collections.Counter()
+        self._masks = MaskBatch(self.max_seqs, cfg.vocab_size)
 
     def _make_cache(self, paged, page_size, kv_cache_bytes, kv_cache_fraction, prefix_caching):
         """(device cache, host page pool, host block tables): the pool and tables None unpaged."""
@@ -485,9 +565,15 @@ class Engine:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= self.top_logprobs:
             raise ValueError(f"top_logprobs must be an integer in [0, {self.top_logprobs}] "
                              f"(Engine(top_logprobs=)), got {k!r}")
+        grammar = request_grammar(sp, V)
+        if grammar is not None:  # the reply ends at the grammar's end tokens
+            stops += [t for t in grammar.end_tokens if t not in stops]
+            if len(stops) > self.max_stop_tokens:
+                raise ValueError(f"{len(stops)} stop tokens with the grammar's: at most {self.max_stop_tokens}")
         return dict(max_tokens=int(sp.max_tokens), temperature=float(temperature), top_p=float(top_p),
                     top_k=0 if sp.top_k is None else min(int(sp.top_k), V), seed=int(sp.seed), stops=stops,
-                    logprobs=bool(sp.logprobs), top_logprobs=int(k))
+                    logprobs=bool(sp.logprobs), top_logprobs=int(k),
+                    grammar=None if grammar is None else grammar.to_json())
 
     def _chunk_bucket(self, n: int) -> int:
         """Chunk size for n tokens to prefill: generate's cut (the next power of two, at least 16, at
@@ -500,7 +586,9 @@ class Engine:
         for entry in journal:
             if entry[0] == "add":
                 _, rid, prompt, p = entry
-                self._requests[rid] = _Request(rid, np.asarray(prompt, np.int32), p, self._seq)
+                self._requests[rid] = r = _Request(rid, np.asarray(prompt, np.int32), p, self._seq)
+                if p.get("grammar") is not None:
+                    r.constraint = Constraint(Grammar.from_json(p["grammar"]), self.model.config.vocab_size)
                 self._seq += 1
                 self._waiting.append(rid)
             else:
@@ -620,13 +708,19 @@ class Engine:
         if self.pages is not None:
             self._update_tables(plan)
         now = _Dispatched()
+        outs: dict[Any, RequestOutput] = {}
         try:
             for rid, slot, start, n in plan["chunks"]:
                 self._run_chunk(self._requests[rid], start, n, now)
             decoding = tuple(rid if rid is not None and self._requests[rid].state == "decode" else None
                              for rid in self._slots)
-            if any(rid is not None for rid in decoding):
+            if any(self._requests[rid].constraint is not None for rid in decoding if rid is not None):
+                self._run_constrained_decode(decoding, now, outs)
+            elif any(rid is not None for rid in decoding):
                 self._run_decode(decoding, now)
+        except BaseException:
+            self._outbox = list(outs.values()) + self._outbox  # what this step read is reported next step
+            raise
         finally:
             dispatched = bool(now.firsts or now.decode)
             if dispatched:
@@ -634,7 +728,8 @@ class Engine:
         # overlap: report what ran before this step's dispatch; otherwise wait for this step too
         ready = self._pending[:-1] if self.overlap and dispatched else self._pending
         self._pending = self._pending[len(ready):]
-        return self._collect(ready)
+        self._collect(ready, outs)
+        return list(outs.values())
 
     def _update_tables(self, plan) -> None:
         """The plan's block-table changes to the device, then the prefix hits' rings and lengths."""
@@ -682,10 +777,49 @@ class Engine:
             self._fail([rid for rid in decoding if rid is not None])
             raise
         now.decode, now.decode_rids = out, decoding
+        self._advance_lengths(decoding, self.decode_steps)
+
+    def _advance_lengths(self, decoding: tuple, steps: int) -> None:
+        """A decode dispatch writes up to `steps` positions per decoding request (the pages'
+        bookkeeping: they stop earlier only when they finish)."""
         for rid in decoding:
             if rid is not None:
                 r = self._requests[rid]
-                r.kv_len = min(r.kv_len + self.decode_steps, r.cap)
+                r.kv_len = min(r.kv_len + steps, r.cap)
+
+    def _run_constrained_decode(self, decoding: tuple, now: _Dispatched, outs: dict) -> None:
+        """A decode step with constrained slots: one token per slot, in two programs. The forward
+        is dispatched first; while it runs, the host reads the tokens sampled so far (its input
+        tokens), advances the matchers and computes the masks; then the sampling program takes
+        them. Constrained slots thus decode one token per step whatever `decode_steps` says."""
+        rids = [rid for rid in decoding if rid is not None]
+        try:
+            self._cache, logits = self._forward_call(self._cache, self._slots_state)
+        except BaseException:
+            self._fail(rids)
+            raise
+        self._advance_lengths(decoding, 1)
+        firsts, now.firsts = now.firsts, []
+        self._collect(self._pending + [_Dispatched(firsts=firsts)], outs)
+        self._pending = []
+        constraints = {s: self._requests[rid].constraint for s, rid in enumerate(decoding)
+                       if rid in self._requests and self._requests[rid].constraint is not None}
+        masks = self._timed_mask(lambda: self._masks.fill(constraints), len(constraints))
+        try:
+            # a copy: the host buffer is refilled next step, and a CPU device array may alias it
+            self._slots_state, out = self._sample_call(logits, self._slots_state,
+                                                       self.model.runtime.place_batch(masks.copy()))
+        except BaseException:
+            self._fail(rids)
+            raise
+        self.stats["constrained_steps"] += 1
+        now.decode, now.decode_rids = out, decoding
+
+    def _forward_call(self, cache, slots):
+        return forward_slots(self._graphdef, self._state, cache, slots, kv=self.kv)
+
+    def _sample_call(self, logits, slots, masks):
+        return sample_slots(self._graphdef, self._state, logits, slots, masks, top_logprobs=self.top_logprobs)
 
     def _decode_call(self, cache, slots):
         return decode_slots(self._graphdef, self._state, cache, slots, kv=self.kv, steps=self.decode_steps,
@@ -706,9 +840,11 @@ class Engine:
         if lost:
             self._to_release = []
 
-    def _collect(self, ready: list[_Dispatched]) -> list[RequestOutput]:
-        """Read the sampled ids back (one transfer) and report them; finished requests free their slot."""
-        outs: dict[Any, RequestOutput] = {o.request_id: o for o in self._outbox}
+    def _collect(self, ready: list[_Dispatched], outs: dict) -> None:
+        """Read the sampled ids back (one transfer) and add them to `outs` (after the outputs waiting
+        in the outbox); finished requests free their slot, constrained ones advance their matcher."""
+        for o in self._outbox:
+            _merge_output(outs, o)
         self._outbox = []
         host = _to_host([([(tok, lp) for _, tok, lp in d.firsts], d.decode) for d in ready])
         for d, (firsts, dec) in zip(ready, host):
@@ -721,7 +857,6 @@ class Engine:
                     for slot, rid in enumerate(d.decode_rids):
                         if rid is not None and emitted[slot]:
                             self._emit(outs, rid, int(tok[slot]), float(lp[slot]), top_v[slot], top_i[slot])
-        return list(outs.values())
 
     def _emit(self, outs, rid, tok: int, lp: float, top_v, top_i) -> None:
         r = self._requests.get(rid)
@@ -739,6 +874,12 @@ class Engine:
         r.n_out += 1
         self.stats["output_tokens"] += 1
         reason = "stop" if tok in r.p["stops"] else "length" if r.n_out >= r.p["max_tokens"] else None
+        if r.constraint is not None:
+            try:
+                r.constraint.advance(tok)
+            except ConstraintError:  # a bug (the mask allowed it): end the request, keep serving
+                log.exception("request %s: constrained decoding failed", rid)
+                reason = "abort"
         if reason:
             o.finished, o.finish_reason = True, reason
             self._finish(r, reason)
@@ -764,6 +905,10 @@ class Engine:
     def _request_arrays(self, r: _Request | None) -> RequestArrays:
         p = r.p if r is not None else dict(temperature=0.0, top_p=1.0, top_k=0, seed=0, stops=[], max_tokens=1)
         n_gen = 0 if r is None else len(r.out)
+        if r is not None and r.constraint is not None:  # its matcher has consumed the tokens so far
+            mask = self._timed_mask(r.constraint.initial_mask)
+        else:
+            mask = np.full((1, mask_words(self.model.config.vocab_size)), -1, np.int32)
         stop = np.full((1, self.max_stop_tokens), -1, np.int32)
         stop[0, :len(p["stops"])] = p["stops"]
         key = _seed_key(p["seed"], self._host_keys)
@@ -771,8 +916,48 @@ class Engine:
                              top_p=self._rep(np.array([p["top_p"]], np.float32)),
                              top_k=self._rep(np.array([p["top_k"]], np.int32)),
                              seed_key=self._rep(key[None]), stop=self._rep(stop),
-                             max_tokens=self._rep(np.array([p["max_tokens"]], np.int32)),
+                             max_tokens=self._rep(np.array([p["max_tokens"]], np.int32)), mask=self._rep(mask),
                              n_gen=self._rep(np.array([n_gen], np.int32)))
+
+    def _timed_mask(self, compute, n: int = 1):
+        t0 = time.perf_counter()
+        try:
+            return compute()
+        finally:
+            self.stats["mask_seconds"] += time.perf_counter() - t0
+            self.stats["masks"] += n
+
+
+def generate_constrained(model: GptOss, input_ids, *, max_new_tokens: int, json_schema, max_reasoning_tokens=None,
+                         temperature=None, top_p=None, top_k=None, seed: int = 0, stop_tokens=None,
+                         return_logprobs: bool = False, prompt_lengths=None, prefill_chunk: int = 512):
+    """`generate(..., json_schema=)`: every row a constrained request of one engine (row b with seed
+    + b); returns a GenerationResult padded as `generate`'s."""
+    from .generate import GenerationResult, prepare_prompts
+
+    ids, lengths = prepare_prompts(input_ids, model.config.vocab_size, prompt_lengths)
+    rows = [ids[b, :int(n)] for b, n in enumerate(lengths)]
+    eng = Engine(model, max_seqs=len(rows), max_len=int(lengths.max()) + int(max_new_tokens),
+                 prefill_chunk=prefill_chunk)
+    for b, row in enumerate(rows):
+        eng.add_request(row, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                            top_k=top_k, seed=seed + b, stop_token_ids=stop_tokens,
+                                            logprobs=return_logprobs, json_schema=json_schema,
+                                            max_reasoning_tokens=max_reasoning_tokens), request_id=b)
+    toks, lps = [[] for _ in rows], [[] for _ in rows]
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            toks[o.request_id] += o.new_token_ids
+            lps[o.request_id] += o.logprobs or []
+    cfg = model.config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None and cfg.pad_token_id < cfg.vocab_size else 0
+    out = np.full((len(rows), max_new_tokens), pad, np.int32)
+    lp = np.zeros((len(rows), max_new_tokens), np.float32)
+    for b, t in enumerate(toks):
+        out[b, :len(t)] = t
+        lp[b, :len(lps[b])] = lps[b]
+    return GenerationResult(tokens=out, lengths=np.array([len(t) for t in toks]),
+                            logprobs=lp if return_logprobs else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,4 +1038,5 @@ def _json_default(x):
     raise TypeError(f"cannot broadcast {type(x).__name__}")
 
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "SlotCache", "SlotState", "prefill_chunk", "decode_slots"]
+__all__ = ["Engine", "SamplingParams", "RequestOutput", "SlotCache", "SlotState", "prefill_chunk", "decode_slots",
+           "forward_slots", "sample_slots", "apply_masks", "generate_constrained"]

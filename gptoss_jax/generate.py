@@ -266,10 +266,23 @@ def _select_rows(take_B, new_BV, old_BV):
 def generate(model: GptOss, input_ids, *, max_new_tokens: int, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, return_logprobs: bool = False, prompt_lengths=None,
-             prefill_chunk: int = 512) -> GenerationResult:
+             prefill_chunk: int = 512, json_schema=None, max_reasoning_tokens: int | None = None) -> GenerationResult:
     """Sample up to `max_new_tokens` per row. temperature 0 is greedy; defaults (temperature, top_p, stop
     tokens) come from the checkpoint's generation_config.json. `input_ids`: a [B, T] array (with optional
-    `prompt_lengths` for right-padded rows) or a list of token lists of different lengths."""
+    `prompt_lengths` for right-padded rows) or a list of token lists of different lengths.
+
+    `json_schema`: the rows are harmony prompts (`harmony.render_prompt`) and each reply is harmony
+    whose final answer validates against the schema (an analysis message of at most
+    `max_reasoning_tokens` first, default half of max_new_tokens); it runs on the serving engine,
+    which applies the grammar's token masks (row b samples with seed + b), see docs/structured.md."""
+    if json_schema is not None or max_reasoning_tokens is not None:
+        from .engine import generate_constrained  # per-token host masks: the engine's loop, not this one
+
+        return generate_constrained(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens,
+                                    return_logprobs=return_logprobs, prompt_lengths=prompt_lengths,
+                                    prefill_chunk=prefill_chunk, json_schema=json_schema,
+                                    max_reasoning_tokens=max_reasoning_tokens)
     ids, lengths, s, max_len, chunk = _setup(model, input_ids, max_new_tokens, temperature, top_p, top_k, seed,
                                              stop_tokens, prompt_lengths, prefill_chunk)
     graphdef, state = nnx.split(model)

@@ -41,6 +41,7 @@ from gptoss_jax import tokenizer as _tok
 __all__ = [
     "REASONING_EFFORTS",
     "FunctionTool",
+    "ResponseFormat",
     "ChatMessage",
     "ToolCall",
     "ParsedCompletion",
@@ -71,6 +72,29 @@ class FunctionTool:
     name: str
     description: str = ""
     parameters: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A structured-output format: the developer message ends with harmony's section
+
+        # Response Formats
+
+        ## {name}
+
+        // {description}
+        {schema as compact JSON}
+
+    so that the model knows what it is asked (constrained decoding enforces it)."""
+
+    name: str
+    schema: Mapping[str, Any]
+    description: str | None = None
+
+    def section(self) -> str:
+        schema = json.dumps(self.schema, ensure_ascii=False, separators=(",", ":"))
+        note = f"// {self.description}\n" if self.description else ""
+        return f"# Response Formats\n\n## {self.name}\n\n{note}{schema}"
 
 
 @dataclass
@@ -287,11 +311,13 @@ def build_conversation(
     tools: Sequence[ToolLike] | None = None,
     model_identity: str | None = None,
     knowledge_cutoff: str | None = None,
+    developer: bool = False,
     system_tools: Sequence[oh.ToolNamespaceConfig] | None = None,
 ) -> oh.Conversation:
     """The harmony ``Conversation``: a system message (model identity, knowledge cutoff, conversation start
     date, reasoning effort, channels), a developer message when there are instructions or tools, then
-    ``messages``. See :func:`render_prompt` for the arguments."""
+    ``messages`` (``developer``: a developer message even without instructions or tools). See
+    :func:`render_prompt` for the arguments."""
     effort = reasoning_effort.value if isinstance(reasoning_effort, oh.ReasoningEffort) else reasoning_effort
     effort = effort.lower() if isinstance(effort, str) else effort
     if effort not in REASONING_EFFORTS:
@@ -315,7 +341,7 @@ def build_conversation(
         system = system.with_tools(ns)
     out = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
 
-    if instructions is not None or tools:
+    if instructions is not None or tools or developer:
         dev = oh.DeveloperContent.new()
         if instructions is not None:
             dev = dev.with_instructions(instructions)
@@ -337,6 +363,7 @@ def render_prompt(
     knowledge_cutoff: str | None = None,
     auto_drop_analysis: bool = True,
     encodings_base: str | os.PathLike | None = None,
+    response_format: ResponseFormat | None = None,
     system_tools: Sequence[oh.ToolNamespaceConfig] | None = None,
 ) -> list[int]:
     """Prompt token ids for the assistant's next turn (ends with ``<|start|>assistant``).
@@ -350,6 +377,8 @@ def render_prompt(
         ``{"type": "function", "function": {...}}``); ``parameters`` is a JSON schema.
     model_identity / knowledge_cutoff: override harmony's defaults ("You are ChatGPT, ..." / "2024-06").
     auto_drop_analysis: drop earlier turns' analysis messages as harmony recommends.
+    response_format: a :class:`ResponseFormat` written at the end of the developer message (the
+        harmony spec's ``# Response Formats`` section; openai-harmony 0.0.8 has no API for it).
     system_tools: built-in tool namespaces for the system message's ``# Tools`` section (openai-harmony
         ``ToolNamespaceConfig``s, e.g. those of :mod:`gptoss_jax.tools`).
     """
@@ -361,11 +390,27 @@ def render_prompt(
         tools=tools,
         model_identity=model_identity,
         knowledge_cutoff=knowledge_cutoff,
+        developer=response_format is not None,
         system_tools=system_tools,
     )
     enc = load_harmony_encoding(encodings_base)
     cfg = oh.RenderConversationConfig(auto_drop_analysis=auto_drop_analysis)
-    return list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT, cfg))
+    ids = list(enc.render_conversation_for_completion(conv, oh.Role.ASSISTANT, cfg))
+    if response_format is not None:
+        ids = _append_to_developer(ids, response_format.section(), encodings_base)
+    return ids
+
+
+def _append_to_developer(ids: list[int], text: str, encodings_base) -> list[int]:
+    """`text` appended (after a blank line) to the developer message's content, re-encoded whole
+    (as harmony encodes a message's text), so the tokens are those of the longer message."""
+    tok = _tok.load_tokenizer(encodings_base)
+    head = [_tok.START] + tok.encode("developer") + [_tok.MESSAGE]
+    start = next(i for i in range(len(ids)) if ids[i:i + len(head)] == head) + len(head)
+    end = ids.index(_tok.END, start)
+    content = tok.decode(ids[start:end])
+    content = f"{content}\n\n{text}" if content else text
+    return ids[:start] + tok.encode(content) + ids[end:]
 
 
 def render_continuation(

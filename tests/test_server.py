@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import uvicorn
@@ -216,6 +217,16 @@ class ScriptedEngine(Engine):
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
                                            "parameters": {"type": "object",
                                                           "properties": {"city": {"type": "string"}}}}}]
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                                            "unit": {"enum": ["c", "f"]}}, "required": ["city", "days"]}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}
+TWO_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+             {"type": "function", "function": {"name": "get_time", "description": "Local time", "parameters": TIME}}]
+
+
+def json_format(schema, name="answer"):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
 def harmony(text):
@@ -270,6 +281,53 @@ def test_tool_call_round_trip(model):
         assert nxt.output_text == "It is sunny in Paris."
 
 
+# ---- structured outputs and forced tool calls (random weights: only the constraint makes them right)
+def test_structured_outputs_validate_whole_and_streamed(client):
+    """Chat `response_format` json_schema (whole and streamed: the same text for a seed), json_object,
+    and Responses `text.format`, sampled at temperature 1.0: the answers validate."""
+    kw = dict(model=NAME, messages=USER, max_tokens=64, temperature=1.0, seed=3,
+              response_format=json_format(WEATHER), extra_body={"max_reasoning_tokens": 2})
+    r = client.chat.completions.create(**kw)
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and not c.message.tool_calls
+    jsonschema.validate(json.loads(c.message.content), WEATHER)
+    streamed = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == c.message.content
+    r = client.chat.completions.create(**{**kw, "seed": 4, "response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    resp = client.responses.create(model=NAME, input="Weather?", max_output_tokens=64, temperature=1.0,
+                                   text={"format": {"type": "json_schema", "name": "weather", "schema": WEATHER}},
+                                   extra_body={"max_reasoning_tokens": 0})
+    assert resp.status == "completed" and resp.text.format.type == "json_schema"
+    jsonschema.validate(json.loads(resp.output_text), WEATHER)
+
+
+def test_forced_tool_calls_validate(client):
+    """tool_choice "required" (one of two tools) and a named function, at temperature 1.0: a call
+    whose arguments validate against that tool's parameters; finish_reason tool_calls."""
+    for seed in range(3):
+        r = client.chat.completions.create(model=NAME, messages=USER, tools=TWO_TOOLS, tool_choice="required",
+                                           max_tokens=80, temperature=1.0, seed=seed,
+                                           extra_body={"max_reasoning_tokens": 0})
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER if call.function.name == "get_weather"
+                            else TIME)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = client.chat.completions.create(model=NAME, messages=USER, tools=TWO_TOOLS, tool_choice=named, max_tokens=80,
+                                       temperature=1.0, seed=9, extra_body={"max_reasoning_tokens": 3})
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and r.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), TIME)
+    tools = [{"type": "function", **t["function"]} for t in TWO_TOOLS]
+    resp = client.responses.create(model=NAME, input="Time?", tools=tools, max_output_tokens=80, temperature=1.0,
+                                   tool_choice={"type": "function", "name": "get_weather"},
+                                   extra_body={"max_reasoning_tokens": 0})
+    (fc,) = [o for o in resp.output if o.type == "function_call"]
+    assert fc.name == "get_weather"
+    jsonschema.validate(json.loads(fc.arguments), WEATHER)
+
+
 # ---- errors --------------------------------------------------------------------------------------
 CHAT = {"model": NAME, "messages": USER, "max_tokens": 4}
 ERRORS = [  # (path, body or raw bytes, status, param)
@@ -291,7 +349,23 @@ ERRORS = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "reasoning_effort": "max"}, 400, "reasoning_effort"),
-    ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     400, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     400, "response_format.json_schema.name"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 64, "response_format": json_format(
+        {"type": "array", "items": {"type": "integer"}, "uniqueItems": True})}, 400, "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 64, "response_format": json_format({"$ref": "#/$defs/x"})}, 400,
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "response_format": json_format(WEATHER)}, 400,  # max_tokens 4: too few
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {**CHAT, "max_reasoning_tokens": 3}, 400, "max_reasoning_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 64, "tool_choice": "required", "tools": [{"type": "function",
+     "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]}, 400, "tools[0]"),
+    ("/v1/responses", {"model": NAME, "input": "x", "text": {"format": {"type": "json_schema", "name": "n",
+     "schema": {"type": "object", "patternProperties": {"a": {}}}}}}, 400, "text.format.schema"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "web_search"}]}, 400, "tools[0]"),
     ("/v1/chat/completions", {**CHAT, "messages": USER + [{"role": "tool", "tool_call_id": "nope", "content": "x"}]},
      400, "messages[1].tool_call_id"),

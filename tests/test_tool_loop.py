@@ -190,12 +190,28 @@ def test_the_python_session_follows_previous_response_id(served, client):
     assert engine.prompts[n] == render_prompt(turn, reasoning_effort="low", system_tools=box.configs(["python"]))
 
 
+def test_forced_builtin_calls(served, client):
+    """tool_choice forcing python or the browser: the first round's reply, sampled from random weights
+    at temperature 1.0, is a complete call (constrained decoding); the tool runs, the next round answers."""
+    for tools, choice, kind in ((CODE, {"type": "code_interpreter"}, "code_interpreter_call"),
+                                (WEB, {"type": "web_search_preview"}, "web_search_call")):
+        script(served, [], ANSWER)  # the first round samples (no script), the second answers
+        r = client.responses.create(input="Go.", tools=tools, tool_choice=choice, model=NAME, max_output_tokens=48,
+                                    temperature=1.0, extra_body={"max_reasoning_tokens": 0})
+        assert [o.type for o in r.output] == [kind, "message"] and r.output_text == "It is 42.", r.output
+        call = r.output[0]
+        assert call.status in ("completed", "failed")
+        if kind == "web_search_call":
+            assert call.action.type == "search" and isinstance(call.action.query, str)
+
+
 def test_bad_tool_requests(served, client):
     url = served[2]
     with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as h:
         for body, param in [
-            ({"input": "x", "tools": CODE, "tool_choice": {"type": "code_interpreter"}}, "tool_choice"),  # the seam
             ({"input": "x", "tools": CODE, "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+            ({"input": "x", "tools": CODE, "tool_choice": {"type": "code_interpreter"}, "max_output_tokens": 8},
+             "tool_choice"),  # too few tokens for a forced call
             ({"input": "x", "tools": CODE, "max_tool_calls": 0}, "max_tool_calls"),
             ({"input": "x", "tools": CODE, "max_tool_calls": 1000}, "max_tool_calls"),
             ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {}}]},

@@ -395,7 +395,7 @@ def create_app(engine: Engine, config: ServerConfig, toolbox: Toolbox | None = N
                     "max_output_tokens": x["max_output_tokens"], "previous_response_id": x["previous_response_id"],
                     "reasoning": {"effort": x["effort"], "summary": None}, "store": x["store"],
                     "temperature": x["temperature"], "top_p": x["top_p"], "tools": x["tools"],
-                    "tool_choice": x["tool_choice"], "parallel_tool_calls": True, "text": {"format": {"type": "text"}},
+                    "tool_choice": x["tool_choice"], "parallel_tool_calls": True, "text": {"format": x["text_format"]},
                     "truncation": "disabled", "metadata": {}}
 
         def finished():

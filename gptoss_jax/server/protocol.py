@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import SamplingParams
-from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, render_prompt, stop_token_ids
+from ..harmony import REASONING_EFFORTS, ChatMessage, FunctionTool, ResponseFormat, render_prompt, stop_token_ids
+from ..structured import (JsonBody, Message, Reply, SchemaError, TextBody, final_json, function_call,
+                          normalize_schema, tool_message, validate_grammar)
 from ..tools import Toolbox
 
 # OpenAI's limits: up to 4 stop sequences, 20 top logprobs (chat) and 5 (completions).
@@ -239,15 +241,96 @@ def function_tools(f: Fields, key: str = "tools", flat: bool = False, skip: Coll
     return out
 
 
-def tool_choice(f: Fields, tools: list[FunctionTool]) -> list[FunctionTool]:
-    """"auto" (default) or "none" (the tools are left out of the prompt)."""
+def tool_choice(f: Fields, tools: list[FunctionTool], flat: bool = False
+                ) -> tuple[list[FunctionTool], list[FunctionTool] | None]:
+    """(tools in the prompt, tools one of which the reply must call or None): "auto" (default),
+    "none" (the tools are left out of the prompt), "required" (a call to one of them) or a named
+    function (chat: {"type": "function", "function": {"name"}}, Responses: {"type": "function", "name"})."""
     choice = f.get("tool_choice", "auto")
     if choice == "none":
-        return []
-    if choice != "auto":
-        raise bad("'tool_choice' supports \"auto\" and \"none\"; \"required\" and a named function need "
-                  "constrained decoding, which this server does not have yet", "tool_choice")
-    return tools
+        return [], None
+    if choice == "auto":
+        return tools, None
+    if choice == "required":
+        if not tools:
+            raise bad("'tool_choice' \"required\" needs at least one tool in 'tools'", "tool_choice")
+        return tools, tools
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        spec = choice if flat else choice.get("function")
+        name = spec.get("name") if isinstance(spec, dict) else None
+        named = [t for t in tools if t.name == name]
+        if not named:
+            raise bad(f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice")
+        return tools, named
+    raise bad("'tool_choice' must be \"auto\", \"none\", \"required\" or a named function", "tool_choice")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A requested structured output: the schema the answer must match, the developer message's
+    section (None for json_object), and the request field it came from (for errors)."""
+
+    schema: dict
+    section: ResponseFormat | None
+    param: str
+    echo: dict  # as the request gave it (the Responses object repeats it)
+
+
+def output_format(fmt: Fields) -> OutputFormat | None:
+    """Chat's `response_format` or Responses' `text.format`: {"type": "text" | "json_object" |
+    "json_schema", ...}; chat nests name / schema / description / strict under "json_schema"."""
+    kind = fmt.str("type", "text", ("text", "json_object", "json_schema"))
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat({"type": "object"}, None, fmt.name("type"), dict(fmt.body))
+    spec = fmt.obj("json_schema") if "json_schema" in fmt.body else fmt
+    name = spec.str("name")
+    if not name:
+        raise bad(f"'{spec.name('name')}' is required", spec.name("name"))
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise bad(f"'{spec.name('schema')}' must be a JSON schema object", spec.name("schema"))
+    spec.bool("strict")
+    try:
+        normalize_schema(schema)
+    except SchemaError as e:
+        raise bad(str(e), spec.name("schema")) from e
+    return OutputFormat(schema, ResponseFormat(name, schema, spec.str("description")), spec.name("schema"),
+                        dict(fmt.body))
+
+
+def constrain(params: list[SamplingParams], fmt: OutputFormat | None, tools: list[FunctionTool],
+              forced: list[FunctionTool] | None, max_reasoning: int | None, tool_param: str,
+              vocab_size: int, builtins: list[Message] = ()) -> list[SamplingParams]:
+    """The params with the reply's grammar: a call to one of `forced`, or (with a format) the
+    final answer in it or a call to one of `tools` or `builtins` (the declared built-in tools'
+    calls). Unconstrained when neither is asked. The grammar is checked at the request's max_tokens
+    (a 400 here) and travels as a `Reply`, built anew for each engine request (tool rounds)."""
+    if forced is None and fmt is None:
+        if max_reasoning is not None:
+            raise bad("'max_reasoning_tokens' applies to constrained replies (response_format, tool_choice "
+                      "\"required\" or a named function)", "max_reasoning_tokens")
+        return params
+    calls = []
+    for i, t in enumerate(tools):
+        try:
+            if t.parameters is not None:
+                normalize_schema(t.parameters)
+            calls.append(function_call(t.name, t.parameters))
+        except ValueError as e:
+            raise bad(f"tool {t.name!r}: {e}", f"{tool_param}[{i}]") from e
+    if forced is not None:
+        msgs = [calls[tools.index(t)] for t in forced]
+    else:
+        msgs = [final_json(fmt.schema), *calls, *builtins]
+    param = fmt.param if fmt is not None and forced is None else "tool_choice"
+    reply = Reply(tuple(msgs), max_reasoning)
+    try:
+        validate_grammar(reply.grammar(params[0].max_tokens), vocab_size)
+    except ValueError as e:
+        raise bad(str(e), param) from e
+    return [dataclasses.replace(p, grammar=reply) for p in params]
 
 
 # Responses API built-in tool types -> the harmony tool that serves them (gptoss_jax.tools)
@@ -271,6 +354,21 @@ def builtin_tools(f: Fields, toolbox: Toolbox | None) -> list[str]:
     return names
 
 
+def builtin_calls(toolbox: Toolbox, names, functions=None, code_tokens: int | None = None) -> list[Message]:
+    """Harmony call messages to built-in tools (analysis channel, content type `code`, as gpt-oss
+    calls them): python's code as free text (at most `code_tokens`, default what the budget leaves),
+    a browser function's JSON arguments valid for its parameters (`functions`: which, default all)."""
+    out = []
+    for name in names:
+        ns = toolbox.tools[name].namespace_config()
+        if not ns.tools:  # python: one recipient, code
+            out.append(tool_message(ns.name, body=TextBody(code_tokens)))
+        for t in ns.tools:
+            if functions is None or t.name in functions:
+                out.append(tool_message(f"{ns.name}.{t.name}", body=JsonBody(t.parameters or {"type": "object"})))
+    return out
+
+
 def builtin_choice(f: Fields, names: list[str]) -> str | None:
     """The built-in tool that `tool_choice` forces ({"type": "code_interpreter"}, {"type": "web_search_preview"}), or None."""
     choice = f.get("tool_choice")
@@ -283,10 +381,10 @@ def builtin_choice(f: Fields, names: list[str]) -> str | None:
 
 
 def render(messages: list[ChatMessage], *, effort: str, tools, instructions=None, param="messages",
-           system_tools=None) -> list[int]:
+           system_tools=None, fmt: OutputFormat | None = None) -> list[int]:
     try:
         return render_prompt(messages, reasoning_effort=effort, tools=tools or None, instructions=instructions,
-                             system_tools=system_tools)
+                             system_tools=system_tools, response_format=None if fmt is None else fmt.section)
     except (ValueError, TypeError) as e:
         raise bad(str(e), param) from e
 
@@ -343,9 +441,10 @@ def chat_messages(f: Fields) -> list[ChatMessage]:
 def chat_job(body: Any, limits: Limits) -> Job:
     f = Fields(body)
     messages = chat_messages(f)
-    tools = tool_choice(f, function_tools(f))
+    tools, forced = tool_choice(f, function_tools(f))
+    fmt = output_format(f.obj("response_format"))
     effort = f.str("reasoning_effort", "medium", REASONING_EFFORTS)
-    prompt = render(messages, effort=effort, tools=tools)
+    prompt = render(messages, effort=effort, tools=tools, fmt=fmt)
     n = f.int("n", 1, 1, limits.max_n)
     logprobs = f.bool("logprobs")
     top = f.int("top_logprobs", 0, 0, min(MAX_TOP_LOGPROBS_CHAT, limits.max_top_logprobs))
@@ -353,6 +452,8 @@ def chat_job(body: Any, limits: Limits) -> Job:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     params = sampling(f, len(prompt), limits, ("max_tokens", "max_completion_tokens"), n=n,
                       stops=stop_token_ids(), logprobs=logprobs, top_logprobs=top)
+    params = constrain(params, fmt, tools, forced, f.int("max_reasoning_tokens", None, 0), "tools",
+                       limits.vocab_size)
     stream, usage = streaming(f)
     return Job(prompt, params, stream, usage, stop_strings(f), True, logprobs, top)
 
@@ -481,21 +582,26 @@ def responses_job(body: Any, limits: Limits, previous: list[dict] | None, toolbo
         messages[0] = ChatMessage(messages[0].role, instructions + "\n\n" + messages[0].content)
         instructions = None
     builtin = builtin_tools(f, toolbox)
-    forced = builtin_choice(f, builtin)
-    tools = function_tools(f, flat=True, skip=BUILTIN_TOOL_TYPES)
-    if forced is None:  # a forced built-in call is not a function tool_choice
-        tools = tool_choice(f, tools)
+    forced_builtin = builtin_choice(f, builtin)
+    tools, forced = function_tools(f, flat=True, skip=BUILTIN_TOOL_TYPES), None
+    if forced_builtin is None:  # a forced built-in call is not a function tool_choice
+        tools, forced = tool_choice(f, tools, flat=True)
     if f.get("tool_choice") == "none":
         builtin = []
     max_calls = f.int("max_tool_calls", toolbox.max_tool_calls, 1, toolbox.max_tool_calls) if builtin else 0
+    fmt = output_format(f.obj("text").obj("format"))
     effort = f.obj("reasoning").str("effort", "medium", REASONING_EFFORTS)
     prompt = render(messages, effort=effort, tools=tools, instructions=instructions, param="input",
-                    system_tools=toolbox.configs(builtin) if builtin else None)
+                    system_tools=toolbox.configs(builtin) if builtin else None, fmt=fmt)
     params = sampling(f, len(prompt), limits, ("max_output_tokens",), stops=stop_token_ids())
+    reasoning = f.int("max_reasoning_tokens", None, 0)  # a forced built-in call's too (tool_loop.force_builtin)
+    params = constrain(params, fmt, tools, forced, None if forced_builtin and fmt is None else reasoning, "tools",
+                       limits.vocab_size, builtin_calls(toolbox, builtin) if builtin else [])
     stream, _ = streaming(f)
     extra = dict(items=items, effort=effort, store=f.bool("store", True), instructions=f.str("instructions"),
                  tools=[t for t in f.list("tools", [])], tool_choice=f.get("tool_choice", "auto"),
                  previous_response_id=f.str("previous_response_id"), max_output_tokens=f.int("max_output_tokens"),
-                 temperature=f.float("temperature"), top_p=f.float("top_p"), builtin=builtin, forced_builtin=forced,
-                 max_tool_calls=max_calls)
+                 temperature=f.float("temperature"), top_p=f.float("top_p"), builtin=builtin,
+                 forced_builtin=forced_builtin, max_tool_calls=max_calls, max_reasoning_tokens=reasoning,
+                 text_format={"type": "text"} if fmt is None else fmt.echo)
     return Job(prompt, params, stream, False, [], True, extra=extra)

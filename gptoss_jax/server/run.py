@@ -9,6 +9,7 @@ import sys
 import time
 
 from ..engine import Engine, SamplingParams
+from ..tokenizer import VOCAB_SIZE
 from ..tools import Toolbox
 from .app import DEFAULT_MAX_WAITING, ServerConfig, create_app
 from .protocol import MAX_TOP_LOGPROBS_CHAT
@@ -24,10 +25,15 @@ def served_name(model: str) -> str:
 
 def warm_up(engine: Engine) -> None:
     """Compile the decode step and the smallest prefill bucket (longer prompts compile their
-    bucket on first use) before the server says it is healthy."""
-    engine.add_request([0], SamplingParams(max_tokens=2, temperature=0.0, stop_token_ids=()), request_id="warm-up")
-    while engine.has_unfinished_requests():
-        engine.step()
+    bucket on first use) before the server says it is healthy; with the harmony vocabulary also
+    constrained decoding's (its tokenizer, ~1 s to build, and its two decode programs)."""
+    params = [SamplingParams(max_tokens=2, temperature=0.0, stop_token_ids=())]
+    if engine.model.config.vocab_size >= VOCAB_SIZE:
+        params.append(SamplingParams(max_tokens=16, temperature=0.0, regex="[a-z]{1,2}", max_reasoning_tokens=0))
+    for i, p in enumerate(params):  # one at a time: each decode path runs
+        engine.add_request([0], p, request_id=f"warm-up-{i}")
+        while engine.has_unfinished_requests():
+            engine.step()
 
 
 def bind(host: str, port: int) -> socket.socket:

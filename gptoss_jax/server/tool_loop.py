@@ -12,9 +12,9 @@ calls: the next call is answered that the limit is reached, and a call after tha
 Tools fail softly: a timeout, a dead kernel or a missing page is an answer the model reads (the item's
 status says `failed`), and the response goes on.
 
-Forced calls (`tool_choice` {"type": "code_interpreter"} / {"type": "web_search_preview"}) need the
-constrained decoder: `force_builtin` is the one place where the first round's sampling will ask it for
-the grammar of a complete call to the tool.
+Forced calls (`tool_choice` {"type": "code_interpreter"} / {"type": "web_search_preview"}): the first
+round's sampling gets the grammar of a complete call to the tool (`force_builtin`, constrained
+decoding); the rounds after it are free (or keep the request's `text.format`).
 """
 
 from __future__ import annotations
@@ -25,25 +25,31 @@ import dataclasses
 import itertools
 
 from ..engine import SamplingParams
+from ..structured import Reply
 from ..tools import BrowserSession, Toolbox, ToolResult
 from ..tools.rounds import ended_with_call, limit_reached, next_prompt
 from .present import OutputItems, Usage
-from .protocol import TOOL_OUTPUT_KEY, ApiError, Job, new_id
+from .protocol import TOOL_OUTPUT_KEY, ApiError, Job, builtin_calls, new_id
 
 _SEED_MOD = 1 << 31  # seeds are 31-bit (protocol._SEED_BITS)
 
 
-def force_builtin(params: SamplingParams, tool: str, toolbox: Toolbox) -> SamplingParams:
-    """The first round's sampling when `tool_choice` forces the built-in `tool`.
-
-    The seam for the constrained decoder (issue 15): it will return `params` with the grammar of an
-    optional analysis message, then the call `<|start|>assistant to={tool}<|channel|>analysis code
-    <|message|>` (for the browser, `to=browser.search` with JSON arguments that validate against the
-    namespace's `search` parameters in `toolbox.tools["browser"].namespace_config()`), its body
-    budgeted like the reasoning so that `<|call|>` closes it within `params.max_tokens`. Until then a
-    forced built-in call is refused before the response starts."""
-    raise ApiError(400, f"'tool_choice' forcing the {tool} tool needs constrained decoding, which this server "
-                        f"does not have yet: use \"auto\"", "tool_choice")
+def force_builtin(params: SamplingParams, tool: str, toolbox: Toolbox,
+                  max_reasoning_tokens: int | None = None) -> SamplingParams:
+    """The first round's sampling when `tool_choice` forces the built-in `tool`: the grammar of an
+    optional analysis message (at most `max_reasoning_tokens`, default half the budget), then the
+    call `<|channel|>analysis to=python code<|message|>CODE<|call|>` (CODE free text of at most half
+    the budget: the rounds after the call need the rest) or, for the browser, `to=browser.search
+    code` with JSON arguments that validate against the namespace's `search` parameters; `<|call|>`
+    closes it within `params.max_tokens` for any weights. A budget too small for the call is refused
+    (400) before the response starts."""
+    calls = builtin_calls(toolbox, [tool], functions={"search"}, code_tokens=max(1, params.max_tokens // 2))
+    reply = Reply(tuple(calls), max_reasoning_tokens)
+    try:
+        reply.grammar(params.max_tokens)
+    except ValueError as e:
+        raise ApiError(400, f"'tool_choice' forcing the {tool} tool: {e}", "tool_choice") from e
+    return dataclasses.replace(params, grammar=reply, max_reasoning_tokens=None)
 
 
 class ToolOutputItems(OutputItems):
@@ -185,7 +191,8 @@ class ResponseRun:
         self.items = ToolOutputItems(self._route, self._cite, f"cntr_{conversation}")
         first = job.params[0]
         forced = job.extra["forced_builtin"]
-        self._first = force_builtin(first, forced, toolbox) if forced else first  # before any event: a 400
+        self._first = (force_builtin(first, forced, toolbox, job.extra["max_reasoning_tokens"]) if forced
+                       else first)  # before any event: a 400
 
     def _route(self, recipient: str | None) -> str | None:
         return self.toolbox.route(recipient, self.names) if self.names else None
