@@ -1,7 +1,10 @@
 """Serving engine vs one request at a time: output tokens/s, time to first token, inter-token latency,
-slot occupancy, for a fixed random mix of requests arriving at once and as a Poisson stream.
+slot occupancy, for a fixed random mix of requests arriving at once and as a Poisson stream; and the
+paged KV cache: sequences held at a fixed KV budget (paged vs contiguous slot rows) and time to first
+token for a repeated 2k-token prefix with and without the prefix cache.
 
-    python benchmarks/bench_engine.py [--requests 64] [--max-seqs 16] [--prefill-chunk 512] [--json]
+    python benchmarks/bench_engine.py [--requests 64] [--max-seqs 16] [--prefill-chunk 512]
+                                      [--sections throughput,capacity,prefix] [--json]
     python benchmarks/bench_engine.py --structured [--requests 32] [--max-seqs 16] [--json]
 
 The mix: prompt lengths uniform in 16..1024, max_tokens uniform in 16..256 (seed 0), sampling settings
@@ -12,6 +15,15 @@ tokens at once, so its first token arrives when the call returns). The Poisson s
 `--load` times the engine's burst throughput (requests/s); the baseline replays the same arrivals on
 its measured durations. Compiles are excluded (warm-up on every shape). Measured on whatever JAX
 device is present: on CPU, label the figures as CPU figures.
+
+Capacity: a server's context limit (`--capacity-max-len`, 8192) is far above most requests' lengths.
+A KV budget of `--kv-slots` contiguous rows of that length: the slot engine holds that many sequences
+whatever their lengths, the paged engine (8x the slots, the same bytes in pages of 128, rings included)
+as many as their real lengths fit, preempting when they outgrow the pool. Both serve
+`--capacity-requests` of the same mix at once; reported: mean sequences decoding together, peak
+sequences in slots, tokens/s, preemptions.
+Prefix: requests of one 2048-token prefix + 32 own tokens, one at a time, max_tokens 1 (the time to
+first token is the prefill); the prefix cache prefills only the 32 (+ up to a page) after the first.
 
 `--structured`: constrained decoding's cost. The same burst of requests (a harmony prompt, max_tokens
 96, temperature 1.0) with 0%, 50% and 100% of them constrained by a JSON schema (reasoning budget 64:
@@ -167,6 +179,77 @@ def warm_up(model, eng, reqs, chunk, baseline=True):
             run_one_at_a_time(model, [dict(r, max_tokens=1 if b == MIN_BUCKET else b // 2 + 1)], chunk)
 
 
+def kv_row_bytes(model, max_len: int) -> int:
+    """Bytes of one contiguous slot row (k and v, full layers max_len, sliding layers their window)."""
+    cfg = model.config
+    per_pos = 2 * cfg.num_key_value_heads * cfg.head_dim * np.dtype(model.dtype).itemsize
+    return per_pos * sum(max_len if cfg.window(i) is None else min(cfg.window(i), max_len)
+                         for i in range(cfg.num_hidden_layers))
+
+
+def held(eng, reqs, tag):
+    """Serve `reqs` all at once: mean sequences decoding together, peak sequences in slots, tokens/s,
+    preemptions."""
+    for i, r in enumerate(reqs):
+        eng.add_request(r["prompt"], params_of(r), request_id=f"{tag}{i}")
+    before, peak, t0 = dict(eng.stats), 0, time.perf_counter()
+    while eng.has_unfinished_requests():
+        eng.step()
+        peak = max(peak, eng.max_seqs - eng.num_free_slots())
+    wall = time.perf_counter() - t0
+    d = {k: eng.stats[k] - before.get(k, 0) for k in eng.stats}
+    return dict(mean=d["decode_tokens"] / max(1, d["decode_steps"]), peak=peak, tokens_per_s=d["output_tokens"] / wall,
+                preemptions=d.get("preemptions", 0), wall_s=wall)
+
+
+PAGED_SLOTS = 8  # capacity: the paged engine's slots per contiguous row of the budget
+
+
+def bench_capacity(model, args):
+    """Sequences held at a fixed KV budget: `kv_slots` contiguous rows vs pages of the same bytes."""
+    from gptoss_jax import Engine
+
+    max_len = args.capacity_max_len
+    budget = args.kv_slots * kv_row_bytes(model, max_len)
+    reqs = request_mix(args.capacity_requests, model.config.vocab_size, args.max_prompt, args.max_new, seed=2)
+    common = dict(max_len=max_len, prefill_chunk=args.prefill_chunk)
+    engines = {"slot rows": Engine(model, max_seqs=args.kv_slots, paged=False, **common),
+               "paged": Engine(model, max_seqs=PAGED_SLOTS * args.kv_slots, kv_cache_bytes=budget, **common)}
+    out = {}
+    for name, eng in engines.items():
+        warm_up(model, eng, reqs, args.prefill_chunk, baseline=False)
+        out[name] = held(eng, reqs, f"cap-{name}-")
+        print(f"capacity {name}: {out[name]}", flush=True)
+    return dict(budget_bytes=budget, max_len=max_len, pages=engines["paged"].kv.layout.pages_per_shard, **out)
+
+
+def bench_prefix(model, args):
+    """TTFT of requests sharing a 2048-token prefix, one at a time, with and without the prefix cache."""
+    from gptoss_jax import Engine
+
+    V = model.config.vocab_size
+    rng = np.random.default_rng(3)
+    shared = rng.integers(0, V, 2048).tolist()
+    reqs = [dict(prompt=shared + rng.integers(0, V, 32).tolist(), max_tokens=1, seed=0, temperature=0.0)
+            for _ in range(2 + args.prefix_requests)]
+    out = {}
+    for name, caching in (("prefix cache", True), ("no prefix cache", False)):
+        eng = Engine(model, max_seqs=2, max_len=2048 + 32 + 64, prefill_chunk=args.prefill_chunk,
+                     prefix_caching=caching)
+        ttft = []
+        for i, r in enumerate(reqs):  # the first two fill the cache and compile the hit's programs
+            t = time.perf_counter()
+            eng.add_request(r["prompt"], params_of(r), request_id=f"pre{i}")
+            while eng.has_unfinished_requests():
+                eng.step()
+            if i >= 2:
+                ttft.append(time.perf_counter() - t)
+        out[name] = dict(ttft_p50=pct(ttft, 50), prefill_tokens=eng.stats["prefill_tokens"],
+                         prefix_hit_tokens=eng.stats["prefix_hit_tokens"])
+        print(f"prefix {name}: {out[name]}", flush=True)
+    return out
+
+
 STRUCTURED_SCHEMA = {  # a realistic answer: nested object, array, enum, bounded numbers, strings
     "type": "object", "properties": {
         "city": {"type": "string", "maxLength": 24},
@@ -251,6 +334,11 @@ def main():
     ap.add_argument("--decode-steps", default="1,8", help="engine decode steps per dispatch, comma-separated runs")
     ap.add_argument("--load", type=float, default=0.8, help="Poisson rate as a fraction of the burst throughput")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--sections", default="throughput,capacity,prefix")
+    ap.add_argument("--kv-slots", type=int, default=4, help="capacity: the KV budget in contiguous max_len rows")
+    ap.add_argument("--capacity-max-len", type=int, default=8192, help="capacity: the engines' max_len")
+    ap.add_argument("--capacity-requests", type=int, default=32)
+    ap.add_argument("--prefix-requests", type=int, default=5, help="prefix: measured requests (after 2 warm-up)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--structured", action="store_true", help="0%% / 50%% / 100%% constrained requests instead")
     args = ap.parse_args()
@@ -258,14 +346,47 @@ def main():
         args.requests = args.requests or 32
         return structured_main(args)
     args.requests = args.requests or 64
+    sections = set(args.sections.split(","))
     import jax
 
-    from gptoss_jax import Engine, load_model, write_random_checkpoint
+    from gptoss_jax import load_model, write_random_checkpoint
 
     cfg = bench_config()
     path = os.path.join(tempfile.mkdtemp(), "ckpt")
     write_random_checkpoint(cfg, path, progress=False)
     model = load_model(path, dtype=args.dtype, kernels="auto", progress=False)
+    dev = jax.devices()[0]
+    label = "CPU figures" if dev.platform == "cpu" else f"{dev.device_kind}"
+    report = dict(device=dev.platform, label=label)
+    if "throughput" in sections:
+        report.update(bench_throughput(model, args, label))
+    if "capacity" in sections:
+        c = report["capacity"] = bench_capacity(model, args)
+        s, p = c["slot rows"], c["paged"]
+        print(f"KV budget {c['budget_bytes'] / 2 ** 20:.1f} MiB = {args.kv_slots} rows of max_len {c['max_len']} "
+              f"= {c['pages']} pages of 128 ({label})")
+        print(f"{'cache':<12}{'slots':>6}{'mean held':>10}{'peak held':>10}{'out tok/s':>10}{'preempted':>10}")
+        for name, r in (("slot rows", s), ("paged", p)):
+            slots = args.kv_slots * (PAGED_SLOTS if name == "paged" else 1)
+            print(f"{name:<12}{slots:>6}{r['mean']:>10.2f}{r['peak']:>10}{r['tokens_per_s']:>10.1f}{r['preemptions']:>10}")
+        print(f"sequences held, paged / slot rows: {p['mean'] / s['mean']:.2f}x mean, {p['peak'] / s['peak']:.2f}x peak; "
+              f"throughput {p['tokens_per_s'] / s['tokens_per_s']:.2f}x ({label})")
+    if "prefix" in sections:
+        x = report["prefix"] = bench_prefix(model, args)
+        on, off = x["prefix cache"], x["no prefix cache"]
+        print(f"TTFT, 2048-token shared prefix + 32: {on['ttft_p50'] * 1e3:.0f} ms with the prefix cache, "
+              f"{off['ttft_p50'] * 1e3:.0f} ms without: {off['ttft_p50'] / on['ttft_p50']:.1f}x faster ({label})")
+    if args.json:
+        print(json.dumps(report, default=float))
+
+
+def bench_throughput(model, args, label) -> dict:
+    """The engine (decode_steps per --decode-steps) vs generate() one request at a time."""
+    import jax
+
+    from gptoss_jax import Engine
+
+    cfg = model.config
     reqs = request_mix(args.requests, cfg.vocab_size, args.max_prompt, args.max_new)
     max_len = args.max_prompt + args.max_new
     ks = [int(k) for k in args.decode_steps.split(",")]
@@ -293,7 +414,6 @@ def main():
     base_poisson = replay_baseline(reqs, arrivals, durations)
 
     dev = jax.devices()[0]
-    label = "CPU figures" if dev.platform == "cpu" else f"{dev.device_kind}"
     print(f"device: {dev.platform} ({label}); model: 4 layers, d=256, 16 experts top-4, vocab 32000, {args.dtype}, "
           f"kernels {model.kernels}; {len(reqs)} requests, prompts 16..{args.max_prompt}, max_tokens 16..{args.max_new}; "
           f"engine max_seqs {args.max_seqs}, prefill_chunk {args.prefill_chunk}; warm-up (compiles) {warm_s:.0f} s")
@@ -312,10 +432,8 @@ def main():
               for scen, b in (("burst", base_burst), ("poisson", base_poisson)) for k in ks}
     print("throughput ratio (engine / one at a time): "
           + ", ".join(f"{name} {r:.2f}x" for name, r in ratios.items()) + f" ({label})")
-    if args.json:
-        print(json.dumps(dict(device=dev.platform, label=label, rate=rate, ratios=ratios,
-                              engine={f"{s}/{k}": v for (s, k), v in results.items()},
-                              baseline_burst=base_burst, baseline_poisson=base_poisson)))
+    return dict(rate=rate, ratios=ratios, engine={f"{s}/{k}": v for (s, k), v in results.items()},
+                baseline_burst=base_burst, baseline_poisson=base_poisson)
 
 
 if __name__ == "__main__":

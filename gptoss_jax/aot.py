@@ -182,11 +182,13 @@ def decode_bytes_per_step(cfg, model, cache, mesh, batch: int, context: int) -> 
 def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = None,
          mesh_shape: dict[str, int] | None = None, batch: int = 1, max_len: int = 8192,
          prefill_chunk: int = 512, programs=("prefill", "decode"), kernels: str = "xla",
-         max_seqs: int | None = None) -> dict:
+         max_seqs: int | None = None, kv_cache_gb: float | None = None) -> dict:
     """Compile prefill (one chunk of `prefill_chunk` tokens into a cache of `max_len`) and decode (one
     token per row) for the target; return the per-device memory plan and the decode roofline bound.
     `kernels="pallas"` compiles the Pallas MXFP4 and attention kernels (experts in kernel layout).
-    `max_seqs`: also compile the serving engine's decode step over that many slots ("engine_decode")."""
+    `max_seqs`: also compile the serving engine's decode step over that many slots ("engine_decode"),
+    its paged KV cache sized by `kv_cache_gb` per device (default: every slot can reach max_len);
+    the plan's "paged_kv" says how many tokens fit per device."""
     _setup_env()
     from . import sharding as shd
 
@@ -211,8 +213,13 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
         raise ValueError(f"max_seqs must be a positive integer, got {max_seqs!r}")
     if max_seqs is not None and "engine_decode" not in programs:
         programs = tuple(programs) + ("engine_decode",)
+    if kv_cache_gb is not None and (max_seqs is None or isinstance(kv_cache_gb, bool)
+                                    or not isinstance(kv_cache_gb, (int, float)) or not kv_cache_gb > 0):
+        raise ValueError(f"kv_cache_gb sizes the engine's paged cache: a positive number with max_seqs, got "
+                         f"{kv_cache_gb!r} (max_seqs {max_seqs!r})")
     out.update(plan_for_mesh(cfg, mesh, batch=batch, max_len=max_len, prefill_chunk=prefill_chunk,
-                             programs=programs, kernels=kernels, max_seqs=max_seqs))
+                             programs=programs, kernels=kernels, max_seqs=max_seqs,
+                             kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * GB)))
     cap = device_memory_bytes(target)
     out.update(device_memory_bytes=cap, fits=bool(out["total_bytes_per_device"] <= cap))
     step = out["decode_bytes_per_step_per_device"]
@@ -224,11 +231,11 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
 
 def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chunk: int = 512,
                   programs=("prefill", "decode"), kernels: str = "xla", rules=None,
-                  max_seqs: int | None = None) -> dict:
+                  max_seqs: int | None = None, kv_cache_bytes: int | None = None) -> dict:
     """Lower and compile prefill / decode for `mesh` (any jax Mesh: topology devices for deviceless
     plans, or real ones); per-program memory, the largest per-device total, and the bytes one
     decode step reads per device. "engine_decode": the serving engine's step over `max_seqs` slots
-    (default `batch`) of `max_len` positions."""
+    (default `batch`) of `max_len` positions, its paged cache `kv_cache_bytes` per device."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -271,8 +278,11 @@ def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chu
                                         sds((), jnp.int32, jax.sharding.PartitionSpec()))
         elif prog == "engine_decode":
             from .engine import lower_decode
+            from .kv import PagedCache
 
-            lowered = lower_decode(m, batch if max_seqs is None else max_seqs, max_len)
+            kv = PagedCache.create(m, batch if max_seqs is None else max_seqs, max_len, kv_cache_bytes=kv_cache_bytes)
+            out["paged_kv"] = paged_kv_plan(kv, kv_cache_bytes)
+            lowered = lower_decode(m, kv)
         else:
             raise ValueError(f"unknown program {prog!r}")
         compiled = lowered.compile()
@@ -282,6 +292,15 @@ def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chu
                total_bytes_per_device=max(p["total_bytes_per_device"] for p in progs),
                decode_bytes_per_step_per_device=decode_bytes_per_step(cfg, m, cache, mesh, batch, max_len))
     return out
+
+
+def paged_kv_plan(kv, kv_cache_bytes: int | None) -> dict:
+    """What the engine's paged cache holds per device: pages, tokens, max_len sequences."""
+    L = kv.layout
+    tokens = kv.tokens_per_device()
+    return dict(kv_cache_bytes_per_device=kv_cache_bytes, page_size=L.page_size, pages_per_device=L.pages_per_shard,
+                tokens_per_device=tokens, max_len_sequences_per_device=tokens // kv.max_len,
+                slots_per_device=kv.max_seqs // L.n_shards)
 
 
 def format_plan(p: dict) -> str:
@@ -300,6 +319,13 @@ def format_plan(p: dict) -> str:
     lines.append(f"per device: arguments (params + KV cache) {g(p['argument_bytes']).strip()}, temp "
                  f"{g(p['temp_bytes']).strip()}, total {g(p['total_bytes_per_device']).strip()} of "
                  f"{g(p['device_memory_bytes']).strip()} -> {'fits' if p['fits'] else 'DOES NOT FIT'}")
+    if "paged_kv" in p:
+        k = p["paged_kv"]
+        budget = ("every slot at max_len" if k["kv_cache_bytes_per_device"] is None
+                  else f"{k['kv_cache_bytes_per_device'] / GB:.2f} GB per device")
+        lines.append(f"engine paged KV cache ({budget}): {k['pages_per_device']} pages of {k['page_size']} "
+                     f"-> {k['tokens_per_device']} tokens per device ({k['max_len_sequences_per_device']} sequences "
+                     f"of max_len {p['max_len']}; {k['slots_per_device']} slots per device)")
     s = p["decode_bytes_per_step_per_device"]
     lines.append(f"decode roofline bound: {s['total'] / GB:.2f} GB read per step per device "
                  f"(dense {s['dense'] / GB:.2f}, experts {s['experts'] / GB:.2f}, KV {s['kv_cache'] / GB:.2f}) "
@@ -314,7 +340,7 @@ def main_args(args) -> int:
     mesh_shape = parse_mesh(args.mesh) if args.mesh else None
     p = plan(args.target, args.model, devices=args.devices, mesh_shape=mesh_shape, batch=args.batch,
              max_len=args.max_len, prefill_chunk=args.prefill_chunk, kernels=args.kernels,
-             max_seqs=args.max_seqs)
+             max_seqs=args.max_seqs, kv_cache_gb=args.kv_cache_gb)
     print(format_plan(p))
     if args.json:
         keys = ("argument_bytes", "temp_bytes", "total_bytes_per_device", "device_memory_bytes", "fits")
@@ -337,6 +363,9 @@ def add_parser(sub):
                    help="MoE / attention implementation to compile (pallas: the MXFP4 and banded-attention kernels)")
     a.add_argument("--max-seqs", type=int, default=None,
                    help="also compile the serving engine's decode step over this many slots (gptoss_jax.Engine)")
+    a.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="with --max-seqs: the engine's paged KV cache per device in GB (default: every slot can "
+                        "reach --max-len); the plan reports the tokens that fit per device")
     a.add_argument("--json", action="store_true", help="last line: one JSON object")
     a.set_defaults(fn=main_args, compile_only=True)  # the CLI leaves the backend to _setup_env
     return a

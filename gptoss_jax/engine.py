@@ -26,8 +26,11 @@ it decides (new requests, aborts, admissions, prefill chunks) and broadcasts the
 (`multihost_utils.broadcast_one_to_all`); every process executes the same decision, so all run the
 same device programs. Call `step()` and `has_unfinished_requests()` on every process in lockstep.
 
-The KV cache lives behind `SlotCache` (init, prefill into a slot, decode all slots): a paged cache
-replaces that class only.
+The KV cache is paged by default (`kv.PagedCache`, `kv.PagePool`): full-attention layers in pages
+named by block tables, admission when a prompt's pages are free, preemption (re-queued, recomputed
+from prompt + generated tokens) when a decoding request finds none, prefix caching of prompt pages.
+`paged=False` keeps one contiguous row per slot (`kv.SlotCache`). The device programs see the cache
+only through `init`, `prefill`, `decode` (and, paged, `with_tables`, `restore`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .generate import MIN_BUCKET, STOP_SLOTS, _next_pow2
-from .model import GptOss, KVCache
+from .kv import BlockTables, PagedCache, PagePool, SlotCache, free_device_bytes
+from .model import GptOss
 from .sampling import sample_rows, token_logprobs, validate_sampling
 from .structured import Grammar, request_grammar
 from .structured.matcher import Constraint, ConstraintError, MaskBatch, mask_words
@@ -131,103 +135,11 @@ class RequestArrays:
     stop: jax.Array
     max_tokens: jax.Array
     mask: jax.Array  # [1, ceil(V / 32)] int32, the tokens allowed first (-1: all)
+    n_gen: jax.Array  # [1] int32, tokens the request already has (a preempted one resumes): the draw's index
 
 
 def _set(a, slot, value):
     return a.at[slot].set(value.astype(a.dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotCache:
-    """The contiguous per-slot KV cache (`KVCache` with `max_seqs` rows): full-attention layers
-    `max_len` positions, sliding layers their ring of `window` slots.
-
-    The engine only calls `init`, `prefill` (one chunk of one slot's prompt) and `decode` (one token
-    per slot), and `release` when a slot frees: a paged cache implements the same four. Prefill
-    gathers the slot's row, runs `forward_cached` on a [1, T] batch and writes the row back (the cache
-    is donated: in place); on a mesh with slots over `data` the row moves with a psum over `data`
-    from its owner, never the whole cache. A slot whose first chunk comes starts at length 0:
-    `KVCache.slot_positions` sees its old entries as empty, so nothing is cleared."""
-
-    max_seqs: int
-    max_len: int
-
-    def init(self, model: GptOss) -> KVCache:
-        """An empty cache placed as `runtime.cache_specs` says (slots over `data`)."""
-        return _cache_initializer(model.config, model.dtype, model.runtime, self.max_seqs, self.max_len)()
-
-    def release(self, slot: int) -> None:
-        """A slot freed: nothing to do for contiguous rows (its next first chunk resets its length)."""
-
-    def prefill(self, model: GptOss, cache: KVCache, slot, ids_1T, n_new_1, *, first: bool):
-        """(logits [1, V] at the chunk's last valid token, cache) after writing the chunk into `slot`."""
-        row = self._get_row(model, cache, slot)
-        if first:
-            row = row.replace(lengths=jnp.zeros_like(row.lengths))
-        logits, row = model.forward_cached(ids_1T, row, n_new_1, cache_empty=first, logits_at_B=n_new_1 - 1)
-        return logits, self._set_row(model, cache, row, slot)
-
-    def decode(self, model: GptOss, cache: KVCache, tok_B, n_new_B):
-        """(logits [B, V], cache): one token per slot; slots with n_new 0 write nothing."""
-        return model.forward_cached(tok_B[:, None], cache, n_new_B, logits_at_B=jnp.zeros_like(n_new_B))
-
-    # ---- one row in and out ----------------------------------------------------------------------
-    def _data_axis(self, model: GptOss):
-        spec = model.runtime.spec(("batch",), (self.max_seqs,))
-        return spec[0] if len(spec) else None
-
-    def _row_specs(self, model, cache):
-        """(compute mesh, the slots' mesh axis, cache specs, specs of one row) on a mesh."""
-        specs = model.runtime.cache_specs(cache)
-        return (model.runtime.compute_mesh, self._data_axis(model), specs,
-                jax.tree.map(lambda s: P(None, *s[1:]), specs))
-
-    def _get_row(self, model, cache, slot):
-        if self._data_axis(model) is None:
-            return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0), cache)
-        mesh, axis, specs, row_specs = self._row_specs(model, cache)
-
-        def local(c, slot):  # the owner contributes its row, the others zeros
-            i, own = _local_index(c.lengths.shape[0], slot, axis)
-
-            def get(a):
-                r = jax.lax.dynamic_slice_in_dim(a, i, 1, 0)
-                return jax.lax.psum(jnp.where(own, r, jnp.zeros_like(r)), axis)
-            return jax.tree.map(get, c)
-
-        return jax.shard_map(local, mesh=mesh, in_specs=(specs, P()), out_specs=row_specs, check_vma=False)(cache, slot)
-
-    def _set_row(self, model, cache, row, slot):
-        if self._data_axis(model) is None:
-            return jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, 0), cache, row)
-        mesh, axis, specs, row_specs = self._row_specs(model, cache)
-
-        def local(c, r, slot):  # only the owner changes its row
-            i, own = _local_index(c.lengths.shape[0], slot, axis)
-
-            def put(a, x):
-                old = jax.lax.dynamic_slice_in_dim(a, i, 1, 0)
-                return jax.lax.dynamic_update_slice_in_dim(a, jnp.where(own, x, old), i, 0)
-            return jax.tree.map(put, c, r)
-
-        return jax.shard_map(local, mesh=mesh, in_specs=(specs, row_specs, P()), out_specs=specs,
-                             check_vma=False)(cache, row, slot)
-
-
-@functools.lru_cache(maxsize=16)
-def _cache_initializer(cfg, dtype, runtime, batch: int, max_len: int):
-    """One jitted initializer per (config, dtype, runtime, shape): a new engine compiles nothing."""
-    make = lambda: KVCache.init(cfg, batch, max_len, dtype)  # noqa: E731
-    out = None
-    if runtime.mesh is not None:
-        out = jax.tree.map(lambda s: NamedSharding(runtime.mesh, s), runtime.cache_specs(jax.eval_shape(make)))
-    return jax.jit(make, out_shardings=out)
-
-
-def _local_index(n_local: int, slot, axis):
-    """(row index in this shard, clipped, and whether this shard owns `slot`)."""
-    i = slot - jax.lax.axis_index(axis) * n_local
-    return jnp.clip(i, 0, n_local - 1), (i >= 0) & (i < n_local)
 
 
 def _replicate(model: GptOss, x):
@@ -259,9 +171,10 @@ def _logprobs(logits_NV, tok_N, k: int):
 
 
 def _sample_first(logits_1V, req: RequestArrays, k: int):
-    """Token 0 of a request: drawn with fold_in(request key, 0), request key = fold_in(key(seed), 0)."""
+    """Token n = req.n_gen of a request (0, or where a preempted one resumes): drawn with
+    fold_in(request key, n), request key = fold_in(key(seed), 0)."""
     key = jax.random.fold_in(jax.random.wrap_key_data(req.seed_key[0]), 0)
-    draw = jax.random.fold_in(key, 0)[None]
+    draw = jax.random.fold_in(key, req.n_gen[0])[None]
     tok = sample_rows(apply_masks(logits_1V, req.mask), draw, temperature=req.temperature, top_p=req.top_p,
                       top_k=req.top_k)
     return tok, _logprobs(logits_1V, tok, k), jax.random.key_data(key)
@@ -270,7 +183,7 @@ def _sample_first(logits_1V, req: RequestArrays, k: int):
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv", "first", "finish", "top_logprobs"),
                    donate_argnames=("cache", "slots"))
 def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_1, req: RequestArrays, *,
-                  kv: SlotCache, first: bool, finish: bool, top_logprobs: int = 0):
+                  kv: SlotCache | PagedCache, first: bool, finish: bool, top_logprobs: int = 0):
     """One prompt chunk into `slot`; the last chunk (`finish`) also samples the request's first token
     and makes the slot live. Returns (cache, slots, (token [1], (logprob [1], top values [1, k],
     top ids [1, k])) replicated)."""
@@ -283,9 +196,10 @@ def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_
             return cache, slots, (z, (z.astype(jnp.float32), jnp.zeros((1, top_logprobs), jnp.float32),
                                       jnp.zeros((1, top_logprobs), jnp.int32)))
         tok, lp, key_data = _sample_first(logits, req, top_logprobs)
-        live = ~jnp.isin(tok[0], req.stop[0]) & (req.max_tokens[0] > 1)
+        n_gen = req.n_gen[0] + 1
+        live = ~jnp.isin(tok[0], req.stop[0]) & (req.max_tokens[0] > n_gen)
         slots = slots.replace(
-            tok=_set(slots.tok, slot, tok[0]), n_gen=_set(slots.n_gen, slot, jnp.int32(1)),
+            tok=_set(slots.tok, slot, tok[0]), n_gen=_set(slots.n_gen, slot, n_gen),
             max_tokens=_set(slots.max_tokens, slot, req.max_tokens[0]), live=_set(slots.live, slot, live),
             temperature=_set(slots.temperature, slot, jnp.where(live, req.temperature[0], 0.0)),
             top_p=_set(slots.top_p, slot, req.top_p[0]), top_k=_set(slots.top_k, slot, req.top_k[0]),
@@ -298,7 +212,8 @@ def prefill_chunk(graphdef, state, cache, slots: SlotState, slot, ids_1T, n_new_
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv", "steps", "top_logprobs"),
                    donate_argnames=("cache", "slots"))
-def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache, steps: int = 1, top_logprobs: int = 0):
+def decode_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache | PagedCache, steps: int = 1,
+                 top_logprobs: int = 0):
     """`steps` tokens for every live slot (one shape: [max_seqs]); stops and lengths end slots here.
     Returns (cache, slots, (tokens, emitted (the slot was live), logprobs, top values, top ids)
     replicated, [steps, B] each (the top ones [steps, B, top_logprobs])).
@@ -351,7 +266,7 @@ def _sample_step(logits, slots: SlotState, top_logprobs: int, masks=None):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv"), donate_argnames=("cache",))
-def forward_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache):
+def forward_slots(graphdef, state, cache, slots: SlotState, *, kv: SlotCache | PagedCache):
     """The forward half of a constrained decode step: (cache, logits [B, V]) for every live slot's
     last token; the logits stay on the device for `sample_slots`, which takes the host's masks."""
     model = nnx.merge(graphdef, state)
@@ -382,16 +297,18 @@ def sample_slots(graphdef, state, logits, slots: SlotState, masks, *, top_logpro
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def _deactivate(slots: SlotState, slot):
-    return slots.replace(live=slots.live.at[slot].set(False), temperature=slots.temperature.at[slot].set(0.0))
+    """The slot stops decoding (elementwise, so it runs on a mesh of any axis type)."""
+    off = jnp.arange(slots.live.shape[0]) == slot
+    return slots.replace(live=slots.live & ~off, temperature=jnp.where(off, 0.0, slots.temperature))
 
 
-def lower_decode(model: GptOss, max_seqs: int, max_len: int):
+def lower_decode(model: GptOss, kv: SlotCache | PagedCache):
     """`decode_slots` lowered from abstract shapes (the model may be abstract, its parameters
     ShapeDtypeStructs with shardings): what `gptoss-jax aot --max-seqs` compiles for a target."""
-    rt, kv = model.runtime, SlotCache(max_seqs, max_len)
-    cache = jax.eval_shape(lambda: KVCache.init(model.config, max_seqs, max_len, model.dtype))
+    rt = model.runtime
+    cache = jax.eval_shape(lambda: kv.zeros(model))
     key_shape = tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
-    slots = jax.eval_shape(lambda: SlotState(**SlotState.zeros(max_seqs, STOP_SLOTS, key_shape)))
+    slots = jax.eval_shape(lambda: SlotState(**SlotState.zeros(kv.max_seqs, STOP_SLOTS, key_shape)))
     if rt.mesh is not None:
         place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(rt.mesh, s))  # noqa: E731
         cache = jax.tree.map(place, cache, rt.cache_specs(cache))
@@ -413,11 +330,20 @@ class _Request:
     slot: int | None = None
     cursor: int = 0  # prompt tokens already prefilled
     n_out: int = 0
+    out: list = dataclasses.field(default_factory=list)  # tokens reported (a preempted request recomputes them)
+    kv_len: int = 0  # positions written once everything dispatched has run (paged: pages cover them)
+    chunk: int = 0  # prefill chunk bucket, set at admission
     constraint: Any = None  # structured.matcher.Constraint of a constrained request
 
     @property
-    def chunk(self) -> int:
-        return self.p["chunk"]
+    def tokens(self) -> np.ndarray:
+        """What its prefill covers: the prompt, and after a preemption the tokens generated so far."""
+        return np.concatenate([self.prompt, np.asarray(self.out, np.int32)]) if self.out else self.prompt
+
+    @property
+    def cap(self) -> int:
+        """Positions it ever writes: the prompt and every generated token but the last."""
+        return len(self.prompt) + self.p["max_tokens"] - 1
 
 
 def _merge_output(outs: dict, o: RequestOutput) -> None:
@@ -456,11 +382,18 @@ class Engine:
     while step n runs (False: each step waits for its own tokens); decode_steps: tokens per slot and
     step (one device program; > 1 amortises the per-dispatch cost, admissions then happen every
     `decode_steps` tokens); top_logprobs: how many most likely tokens every step also reports (a
-    static width, one compile; requests ask for up to it, 0 turns it off)."""
+    static width, one compile; requests ask for up to it, 0 turns it off).
+
+    The KV cache (docs/engine.md): paged (default) with `page_size` positions per page (None: 128),
+    `kv_cache_bytes` per device for the pages and rings (None: every slot can reach `max_len`, the
+    contiguous cache's capacity) or `kv_cache_fraction` of the device's free memory, and prefix
+    caching of prompt pages (`prefix_caching`); `paged=False`: one contiguous `max_len` row per slot."""
 
     def __init__(self, model: GptOss, max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, *,
                  max_stop_tokens: int | None = None, overlap: bool = True, decode_steps: int = 1,
-                 top_logprobs: int = 0):
+                 top_logprobs: int = 0, paged: bool = True, page_size: int | None = None,
+                 kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None,
+                 prefix_caching: bool = True):
         cfg = model.config
         for name, v in (("max_seqs", max_seqs), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                         ("decode_steps", decode_steps)):
@@ -479,12 +412,13 @@ class Engine:
         self.overlap = bool(overlap)
         self.decode_steps = int(decode_steps)
         self.top_logprobs = min(int(top_logprobs), cfg.vocab_size)
-        self.kv = SlotCache(self.max_seqs, self.max_len)
         self._graphdef, self._state = nnx.split(model)
         self._key_shape = tuple(jax.random.key_data(jax.random.key(0)).shape)
         self._host_keys = _host_seed_keys_match()
         self._multi = jax.process_count() > 1
         self._source = jax.process_index() == 0
+        self.kv, self.pages, self._tables = self._make_cache(paged, page_size, kv_cache_bytes, kv_cache_fraction,
+                                                             prefix_caching)
         self._reset_device()
         self._requests: dict[Any, _Request] = {}  # unfinished, by id
         self._waiting: collections.deque = collections.deque()  # rids, FIFO
@@ -496,9 +430,28 @@ class Engine:
         self._next_id = 0
         self._seq = 0
         # steps, decode_steps (those with a live slot), decode_tokens, prefill_tokens, output_tokens;
-        # constrained_steps (decode steps with a constrained slot), masks and mask_seconds (host time)
+        # constrained_steps (decode steps with a constrained slot), masks and mask_seconds (host time);
+        # paged: preemptions, prefix_hit_tokens (prompt tokens a prefix hit skipped)
         self.stats = collections.Counter()
         self._masks = MaskBatch(self.max_seqs, cfg.vocab_size)
+
+    def _make_cache(self, paged, page_size, kv_cache_bytes, kv_cache_fraction, prefix_caching):
+        """(device cache, host page pool, host block tables): the pool and tables None unpaged."""
+        if not paged:
+            if page_size is not None or kv_cache_bytes is not None or kv_cache_fraction is not None:
+                raise ValueError("page_size, kv_cache_bytes and kv_cache_fraction size the paged cache: "
+                                 "they need paged=True")
+            return SlotCache(self.max_seqs, self.max_len), None, None
+        if kv_cache_fraction is not None:
+            if kv_cache_bytes is not None:
+                raise ValueError("give kv_cache_bytes or kv_cache_fraction, not both")
+            kv_cache_bytes = free_device_bytes(kv_cache_fraction)
+            if self._multi:  # every process must size the same pools: process 0's figure
+                raw = np.frombuffer(np.int64(kv_cache_bytes).tobytes(), np.uint8)
+                kv_cache_bytes = int(np.frombuffer(_broadcast(raw, self._source).tobytes(), np.int64)[0])
+        kv = PagedCache.create(self.model, self.max_seqs, self.max_len, page_size=page_size,
+                               kv_cache_bytes=kv_cache_bytes, prefix_caching=prefix_caching)
+        return kv, PagePool(kv, prefix_caching), BlockTables(kv)
 
     # ---- public API ----------------------------------------------------------------------------
     def add_request(self, prompt_token_ids, params: SamplingParams | None = None, request_id=None):
@@ -612,7 +565,6 @@ class Engine:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= self.top_logprobs:
             raise ValueError(f"top_logprobs must be an integer in [0, {self.top_logprobs}] "
                              f"(Engine(top_logprobs=)), got {k!r}")
-        chunk = min(max(MIN_BUCKET, _next_pow2(n_prompt)), self.prefill_chunk)  # generate's chunking
         grammar = request_grammar(sp, V)
         if grammar is not None:  # the reply ends at the grammar's end tokens
             stops += [t for t in grammar.end_tokens if t not in stops]
@@ -620,8 +572,13 @@ class Engine:
                 raise ValueError(f"{len(stops)} stop tokens with the grammar's: at most {self.max_stop_tokens}")
         return dict(max_tokens=int(sp.max_tokens), temperature=float(temperature), top_p=float(top_p),
                     top_k=0 if sp.top_k is None else min(int(sp.top_k), V), seed=int(sp.seed), stops=stops,
-                    logprobs=bool(sp.logprobs), top_logprobs=int(k), chunk=chunk,
+                    logprobs=bool(sp.logprobs), top_logprobs=int(k),
                     grammar=None if grammar is None else grammar.to_json())
+
+    def _chunk_bucket(self, n: int) -> int:
+        """Chunk size for n tokens to prefill: generate's cut (the next power of two, at least 16, at
+        most prefill_chunk), so a request without a prefix hit is chunked as generate() chunks it."""
+        return min(max(MIN_BUCKET, _next_pow2(n)), self.prefill_chunk)
 
     # ---- scheduling (host only, process 0 decides) --------------------------------------------
     def _apply(self, journal) -> None:
@@ -641,21 +598,77 @@ class Engine:
                     self._outbox.append(_aborted(r))
 
     def _schedule(self) -> dict:
-        """FIFO admissions into free slots, then prompt chunks within the token budget (FIFO)."""
-        free = [s for s, rid in enumerate(self._slots) if rid is None]
-        admit = [(rid, s) for rid, s in zip(self._waiting, free)]
-        admitted = {rid for rid, _ in admit}
-        prefilling = sorted((r for r in self._requests.values() if r.state == "prefill" or r.rid in admitted),
+        """FIFO admissions into free slots, then prompt chunks within the token budget (FIFO).
+
+        Paged: first every decoding request gets the pages its next decode dispatch writes, oldest
+        first, preempting the youngest running request of its shard while none are left (`preempt`);
+        then a waiting request is admitted when a shard has the pages of its prompt and first decode
+        step (after its prefix hit, `restore`), else it and those behind it wait; each chunk gets
+        snapshot pages for the prompt pages it fills. `tables`: the block-table changes."""
+        pages = self.pages
+        preempt = self._grow_decoding() if pages is not None else []
+        free = [s for s, rid in enumerate(self._slots) if rid is None or rid in preempt]
+        admit, restore, starts = [], [], {}
+        busy = self._in_flight() if pages is not None else set()
+        for rid in self._waiting:
+            if not free or rid in busy:  # a preempted request waits for its last tokens to come back
+                break
+            if pages is None:
+                slot = free[0]
+            else:
+                r = self._requests[rid]
+                got = pages.admit(rid, r.tokens, free, min(len(r.tokens) + self.decode_steps, r.cap))
+                if got is None:
+                    break
+                slot, starts[rid], snaps = got
+                if starts[rid]:
+                    restore.append((rid, slot, starts[rid], snaps))
+            free.remove(slot)
+            admit.append((rid, slot))
+        admitted = dict(admit)
+        prefilling = sorted((r for r in self._requests.values()
+                             if (r.state == "prefill" and r.rid not in preempt) or r.rid in admitted),
                             key=lambda r: r.seq)
         chunks, budget = [], self.prefill_chunk
         for r in prefilling:
-            slot = r.slot if r.slot is not None else dict(admit)[r.rid]
-            n = min(r.chunk, len(r.prompt) - r.cursor)
+            slot = admitted.get(r.rid, r.slot)
+            start = starts.get(r.rid, r.cursor)
+            chunk = self._chunk_bucket(len(r.tokens) - start) if r.rid in admitted else r.chunk
+            n = min(chunk, len(r.tokens) - start)
             if n > budget and chunks:
                 break
-            chunks.append((r.rid, slot, r.cursor, n))
+            chunks.append((r.rid, slot, start, n))
             budget -= n
-        return dict(admit=admit, chunks=chunks)
+            if pages is not None:
+                pages.snapshot(r.rid, start, n)
+        plan = dict(admit=admit, chunks=chunks)
+        if pages is not None:
+            plan.update(preempt=preempt, restore=restore, tables=pages.take_changes())
+        return plan
+
+    def _grow_decoding(self) -> list:
+        """Pages for each decoding request's next dispatch (oldest first); a shard out of pages
+        preempts its youngest running request, the needy one itself when it is the youngest.
+        Returns the preempted ids, youngest first."""
+        running = sorted((r for r in self._requests.values() if r.slot is not None), key=lambda r: r.seq)
+        preempt = []
+        for r in running:
+            if r.state != "decode" or r.rid in preempt:
+                continue
+            shard = self.pages.shard_of(r.slot)
+            while not self.pages.grow(r.rid, min(r.kv_len + self.decode_steps, r.cap)):
+                victim = max((v for v in running if v.rid not in preempt and self.pages.shard_of(v.slot) == shard),
+                             key=lambda v: v.seq)
+                self.pages.release(victim.rid)
+                preempt.append(victim.rid)
+                if victim is r:
+                    break
+        return preempt
+
+    def _in_flight(self) -> set:
+        """Requests with tokens dispatched but not yet reported."""
+        return {rid for d in self._pending for rid in [f[0] for f in d.firsts] + list(d.decode_rids)
+                if rid is not None}
 
     def _finish(self, r: _Request, reason: str) -> None:
         if r.slot is not None:
@@ -664,20 +677,36 @@ class Engine:
                 self.kv.release(r.slot)
             if reason == "abort":
                 self._to_release.append(r.slot)
+        if self.pages is not None:
+            self.pages.release(r.rid)
         if r.rid in self._waiting:
             self._waiting.remove(r.rid)
         del self._requests[r.rid]
 
+    def _preempt(self, rid) -> None:
+        """Back to the head of the queue (its pages went back in `_schedule`): its slot stops decoding
+        and it recomputes prompt + generated tokens once admitted again."""
+        r = self._requests[rid]
+        self._slots[r.slot] = None
+        self._to_release.append(r.slot)
+        r.state, r.slot, r.cursor, r.kv_len = "waiting", None, 0, 0
+        self._waiting.appendleft(rid)
+        self.stats["preemptions"] += 1
+
     # ---- execution (every process, the same plan) ---------------------------------------------
     def _execute(self, plan) -> list[RequestOutput]:
+        for rid in plan.get("preempt", ()):
+            self._preempt(rid)
         for slot in self._to_release:  # aborted requests' slots stop decoding before anything else
             self._slots_state = _deactivate(self._slots_state, self._rep(np.int32(slot)))
         self._to_release = []
         for rid, slot in plan["admit"]:
             r = self._requests[rid]
             self._waiting.remove(rid)
-            r.state, r.slot = "prefill", slot
+            r.state, r.slot, r.chunk = "prefill", slot, self._chunk_bucket(len(r.tokens))
             self._slots[slot] = rid
+        if self.pages is not None:
+            self._update_tables(plan)
         now = _Dispatched()
         outs: dict[Any, RequestOutput] = {}
         try:
@@ -702,10 +731,25 @@ class Engine:
         self._collect(ready, outs)
         return list(outs.values())
 
+    def _update_tables(self, plan) -> None:
+        """The plan's block-table changes to the device, then the prefix hits' rings and lengths."""
+        self._tables.apply(plan["tables"])
+        if self._tables.dirty:
+            self._cache = self.kv.with_tables(self.model, self._cache, self._tables.pages, self._tables.snaps)
+            self._tables.dirty = False
+        for rid, slot, start, snaps in plan["restore"]:
+            self._cache = self.kv.restore(self.model, self._cache, self._rep(np.int32(slot)),
+                                          self._rep(np.int32(start)), self._rep(np.asarray(snaps, np.int32)))
+            r = self._requests[rid]
+            r.cursor = r.kv_len = start
+            r.chunk = self._chunk_bucket(len(r.tokens) - start)
+            self.stats["prefix_hit_tokens"] += start
+
     def _run_chunk(self, r: _Request, start: int, n: int, now: _Dispatched) -> None:
-        T, finish = r.chunk, start + n == len(r.prompt)
+        tokens = r.tokens
+        T, finish = r.chunk, start + n == len(tokens)
         ids = np.zeros((1, T), np.int32)
-        ids[0, :n] = r.prompt[start:start + n]
+        ids[0, :n] = tokens[start:start + n]
         req = self._request_arrays(r) if finish else self._dummy_request
         try:
             self._cache, self._slots_state, (tok, lp) = self._prefill_call(
@@ -715,7 +759,9 @@ class Engine:
             self._fail([r.rid])
             raise
         self.stats["prefill_tokens"] += n
-        r.cursor += n
+        r.cursor = r.kv_len = start + n
+        if self.pages is not None:
+            self.pages.filled(r.rid, r.cursor)
         if finish:
             r.state = "decode"
             now.firsts.append((r.rid, tok, lp))
@@ -731,6 +777,15 @@ class Engine:
             self._fail([rid for rid in decoding if rid is not None])
             raise
         now.decode, now.decode_rids = out, decoding
+        self._advance_lengths(decoding, self.decode_steps)
+
+    def _advance_lengths(self, decoding: tuple, steps: int) -> None:
+        """A decode dispatch writes up to `steps` positions per decoding request (the pages'
+        bookkeeping: they stop earlier only when they finish)."""
+        for rid in decoding:
+            if rid is not None:
+                r = self._requests[rid]
+                r.kv_len = min(r.kv_len + steps, r.cap)
 
     def _run_constrained_decode(self, decoding: tuple, now: _Dispatched, outs: dict) -> None:
         """A decode step with constrained slots: one token per slot, in two programs. The forward
@@ -743,6 +798,7 @@ class Engine:
         except BaseException:
             self._fail(rids)
             raise
+        self._advance_lengths(decoding, 1)
         firsts, now.firsts = now.firsts, []
         self._collect(self._pending + [_Dispatched(firsts=firsts)], outs)
         self._pending = []
@@ -810,6 +866,7 @@ class Engine:
         o = outs.setdefault(rid, RequestOutput(rid, [], False, None, [] if r.p["logprobs"] else None,
                                                [] if k else None))
         o.new_token_ids.append(tok)
+        r.out.append(tok)
         if o.logprobs is not None:
             o.logprobs.append(lp)
         if k:
@@ -830,6 +887,9 @@ class Engine:
     # ---- device state and host arrays ---------------------------------------------------------
     def _reset_device(self) -> None:
         self._cache = self.kv.init(self.model)
+        if self.pages is not None:
+            self.pages.reset()
+            self._tables = BlockTables(self.kv)
         host = SlotState.zeros(self.max_seqs, self.max_stop_tokens, self._key_shape)
         self._slots_state = SlotState(**{k: self.model.runtime.place_batch(v) for k, v in host.items()})
         self._dummy_request = self._request_arrays(None)
@@ -844,7 +904,8 @@ class Engine:
 
     def _request_arrays(self, r: _Request | None) -> RequestArrays:
         p = r.p if r is not None else dict(temperature=0.0, top_p=1.0, top_k=0, seed=0, stops=[], max_tokens=1)
-        if r is not None and r.constraint is not None:
+        n_gen = 0 if r is None else len(r.out)
+        if r is not None and r.constraint is not None:  # its matcher has consumed the tokens so far
             mask = self._timed_mask(r.constraint.initial_mask)
         else:
             mask = np.full((1, mask_words(self.model.config.vocab_size)), -1, np.int32)
@@ -855,7 +916,8 @@ class Engine:
                              top_p=self._rep(np.array([p["top_p"]], np.float32)),
                              top_k=self._rep(np.array([p["top_k"]], np.int32)),
                              seed_key=self._rep(key[None]), stop=self._rep(stop),
-                             max_tokens=self._rep(np.array([p["max_tokens"]], np.int32)), mask=self._rep(mask))
+                             max_tokens=self._rep(np.array([p["max_tokens"]], np.int32)), mask=self._rep(mask),
+                             n_gen=self._rep(np.array([n_gen], np.int32)))
 
     def _timed_mask(self, compute, n: int = 1):
         t0 = time.perf_counter()
@@ -962,9 +1024,9 @@ def _broadcast_plan(plan, source: bool) -> dict:
             big[:n] = np.frombuffer(data, np.uint8)
         data = _broadcast(big, source)[:n].tobytes()
     plan = json.loads(data.decode())
-    plan["admit"] = [tuple(a) for a in plan["admit"]]
-    plan["chunks"] = [tuple(c) for c in plan["chunks"]]
-    plan["journal"] = [tuple(e) for e in plan["journal"]]
+    for k in ("admit", "chunks", "journal", "restore", "tables"):
+        if k in plan:
+            plan[k] = [tuple(e) for e in plan[k]]
     return plan
 
 

@@ -73,6 +73,27 @@ def attention_xla(q_BTNH, k_BSKH, v_BSKH, sinks_N, mask_BTS, *, sm_scale):
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
+def paged_attention_xla(q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B, sinks_N, *,
+                        window, sm_scale):
+    """Attention of T new tokens per row over K/V pages, in jnp: each row's pages are gathered in
+    block-table order ([B, M * S] keys, position p at page p // S, offset p % S) and masked.
+
+    Row b's query t sits at position q_start_B[b] + t and is valid for t < n_new_B[b] (invalid rows
+    give 0); its keys are positions < q_start_B[b] + n_new_B[b] (the pages already hold the new
+    tokens), visible when i - window < j <= i. The contract of `pallas_kernels.paged_attention`."""
+    B, T = q_BTNH.shape[:2]
+    S, K, H = k_pages_PSKH.shape[1:]
+    M = block_tables_BM.shape[1]
+    k_BSKH = k_pages_PSKH[block_tables_BM].reshape(B, M * S, K, H).astype(q_BTNH.dtype)
+    v_BSKH = v_pages_PSKH[block_tables_BM].reshape(B, M * S, K, H).astype(q_BTNH.dtype)
+    t_T = jnp.arange(T, dtype=jnp.int32)
+    q_pos_BT = q_start_B[:, None] + t_T
+    k_pos_BS = jnp.broadcast_to(jnp.arange(M * S, dtype=jnp.int32), (B, M * S))
+    mask = visible_mask(q_pos_BT, k_pos_BS, window, k_pos_BS < (q_start_B + n_new_B)[:, None])
+    mask &= (t_T[None, :] < n_new_B[:, None])[:, :, None]
+    return attention_xla(q_BTNH, k_BSKH, v_BSKH, sinks_N, mask, sm_scale=sm_scale)
+
+
 def swiglu(gate_up, alpha, limit):
     """Interleaved gate/up (even = gate, odd = up); gate clamped above only, up both sides."""
     gate, up = gate_up[..., 0::2], gate_up[..., 1::2]

@@ -30,6 +30,30 @@ def canonical_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
+def ring_positions(lengths_B, S: int):
+    """[B, S]: the position a ring of S slots holds in each slot after `lengths_B` positions (the
+    latest p < length with p % S == slot), -1 if none. A contiguous row is the ring with S = max_len."""
+    s = jnp.arange(S, dtype=jnp.int32)[None, :]
+    last = lengths_B[:, None] - 1
+    pos = s + S * jnp.floor_divide(last - s, S)
+    return jnp.where(last >= s, pos, -1)
+
+
+def ring_write(cache_BSKH, new_BTKH, lengths_B, n_new_B):
+    """Scatter the valid new rows to slots (length + t) % S; only the last S of a chunk survive."""
+    B, S = cache_BSKH.shape[:2]
+    T = new_BTKH.shape[1]
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    keep = (t < n_new_B[:, None]) & (t >= n_new_B[:, None] - S)
+    slot = jnp.where(keep, (lengths_B[:, None] + t) % S, S)  # S is out of bounds: dropped
+    b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    return cache_BSKH.at[b, slot].set(new_BTKH.astype(cache_BSKH.dtype), mode="drop")
+
+
+def replace_at(items: tuple, i: int, value) -> tuple:
+    return items[:i] + (value,) + items[i + 1:]
+
+
 @flax.struct.dataclass
 class KVCache:
     """Per-layer key/value cache, [B, S_l, K, H] each, holding rotated keys.
@@ -37,6 +61,10 @@ class KVCache:
     Full-attention layers keep S_l = max_len slots; sliding layers a ring of S_l = min(window, max_len)
     slots, so their memory does not grow with the context. Position p lives in slot p % S_l (for a
     full layer simply p). `lengths[b]` counts the positions of row b already written.
+
+    A cache is what `GptOss.forward_cached` reads and writes through `attend` (one layer: attention
+    of the new tokens over cache + chunk, then the chunk written) and `partition_specs`; the
+    engine's paged cache (`gptoss_jax.kv.PagedKVCache`) implements the same two.
     """
 
     k: tuple
@@ -56,21 +84,28 @@ class KVCache:
 
     def slot_positions(self, layer: int):
         """[B, S]: the position held by each slot (the latest p < length with p % S == slot), -1 if none."""
-        S = self.k[layer].shape[1]
-        s = jnp.arange(S, dtype=jnp.int32)[None, :]
-        last = self.lengths[:, None] - 1
-        pos = s + S * jnp.floor_divide(last - s, S)
-        return jnp.where(last >= s, pos, -1)
+        return ring_positions(self.lengths, self.k[layer].shape[1])
 
     def write(self, cache_BSKH, new_BTKH, n_new_B):
         """Scatter the valid new rows to slots (length + t) % S; only the last S of a chunk survive."""
-        B, S = cache_BSKH.shape[:2]
-        T = new_BTKH.shape[1]
-        t = jnp.arange(T, dtype=jnp.int32)[None, :]
-        keep = (t < n_new_B[:, None]) & (t >= n_new_B[:, None] - S)
-        slot = jnp.where(keep, (self.lengths[:, None] + t) % S, S)  # S is out of bounds: dropped
-        b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-        return cache_BSKH.at[b, slot].set(new_BTKH.astype(cache_BSKH.dtype), mode="drop")
+        return ring_write(cache_BSKH, new_BTKH, self.lengths, n_new_B)
+
+    def attend(self, layer: int, runtime, q, k, v, sinks, batch: CachedBatch, *, window, sm_scale,
+               cache_empty: bool):
+        """(attention output, the cache with the chunk written into `layer`): the new tokens attend
+        over the cached positions and the chunk (`cache_empty`: the chunk only)."""
+        op = runtime.attention
+        ck, cv = self.k[layer], self.v[layer]
+        new = self.replace(k=replace_at(self.k, layer, self.write(ck, k, batch.n_new_B)),
+                           v=replace_at(self.v, layer, self.write(cv, v, batch.n_new_B)))
+        kw = dict(window=window, sm_scale=sm_scale)
+        if cache_empty:
+            return op.prefill(q, k, v, sinks, batch, **kw), new
+        return op.decode(q, k, v, ck, cv, sinks, batch, self.slot_positions(layer), **kw), new
+
+    def partition_specs(self, mesh, rules):
+        """The cache with a PartitionSpec per array: rows over data, kv heads over model."""
+        return shd.cache_specs(self, mesh, rules)
 
 
 class Block(nnx.Module):
@@ -180,18 +215,14 @@ class GptOss(nnx.Module):
         positions_BT = cache.lengths[:, None] + t_T
         batch = CachedBatch(lengths_B=cache.lengths, n_new_B=n_new_B, positions_BT=positions_BT,
                             valid_BT=t_T[None, :] < n_new_B[:, None])
-        op = self.runtime.attention
-        new_k, new_v = [], []
+        written = cache
 
         def attend(i, q, k, v):
+            nonlocal written
             a = self.blocks[i].attn
-            ck, cv = cache.k[i], cache.v[i]
-            new_k.append(cache.write(ck, k, n_new_B))
-            new_v.append(cache.write(cv, v, n_new_B))
-            kw = dict(window=a.window, sm_scale=a.sm_scale)
-            if cache_empty:
-                return op.prefill(q, k, v, a.sinks_N[...], batch, **kw)
-            return op.decode(q, k, v, ck, cv, a.sinks_N[...], batch, cache.slot_positions(i), **kw)
+            out, written = written.attend(i, self.runtime, q, k, v, a.sinks_N[...], batch, window=a.window,
+                                          sm_scale=a.sm_scale, cache_empty=cache_empty)
+            return out
 
         x = self._trunk(input_ids_BT, positions_BT, attend)
         with jax.named_scope("unembed"):
@@ -200,7 +231,7 @@ class GptOss(nnx.Module):
                 logits = self.unembed(x)[:, 0]
             else:
                 logits = self.unembed(x)
-        cache = cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + n_new_B)
+        cache = written.replace(lengths=cache.lengths + n_new_B)
         return logits, self.runtime.constrain_cache(cache)
 
     def within_runtime(self, method, out_specs, *args):

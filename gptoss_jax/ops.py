@@ -12,6 +12,13 @@ q [B, T, N, H], k / v [B, T, K, H] of the new tokens and the sinks [N]:
 `batch` is a `CachedBatch` (per-row cache lengths, valid new tokens, positions); `slot_pos_BS`
 the position each cache slot holds (-1: empty), as `KVCache.slot_positions` gives it.
 
+Paged attention ops (`XlaPagedAttention`, `PallasPagedAttention`: it overrides `attend_local` only) read the
+full-attention layers of the engine's paged cache (`gptoss_jax.kv`) through block tables, with the
+signature of `pallas_kernels.paged_attention`:
+  op(q, k_pages [P, S, K, H], v_pages, block_tables [B, M], q_start [B], n_new [B], sinks)
+On a mesh the pages live split over the slots' axis (`pages_axis`) with local page ids in the
+tables, so the op always runs per shard (`run_on_page_shards`).
+
 MoE ops (`XlaMoE`, `PallasMoE`) map routed tokens to expert outputs:
   op(x_MD, weights_Mk, idx_Mk, expert_params, cfg) -> [M, D]
 and state which expert layout they read (`kernel_layout`).
@@ -32,11 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels import banded_attention
+from pallas_kernels import banded_attention, paged_attention
 from pallas_kernels.impl import Impl
 
 from .config import GptOssConfig
-from .layers import attention_xla, experts_pallas, experts_xla, visible_mask
+from .layers import attention_xla, experts_pallas, experts_xla, paged_attention_xla, visible_mask
 from .sharding import DEFAULT_RULES, ShardingRules, expert_axis_size
 
 
@@ -129,6 +136,89 @@ class PallasAttention:
 
 
 # ---------------------------------------------------------------------------------------------
+# Paged attention
+# ---------------------------------------------------------------------------------------------
+def run_on_page_shards(fn, mesh: Mesh | None, rules: ShardingRules, args, kinds, out_kind: str, *,
+                       pages_axis: str | None, owner=None):
+    """`fn(*args)` per shard of `mesh`, next to the pages it reads or writes.
+
+    kinds[i] declares args[i]: "q" ([B, T, heads, H]: rows, heads), "pages" ([P, S, K, H]: pages
+    over `pages_axis`, kv heads over the heads axis), "rows" ([B, ...] per-row arrays), "n_new"
+    (the per-row count of new tokens), "heads" ([N]). Rows are split with the pages (each shard
+    serves its own slots, tables hold local page ids), or, with `owner` (a traced shard index), all
+    rows belong to that shard: every shard runs them, the others with n_new 0 (they write nothing
+    and their attention rows are 0), and a "q" output is summed over the pages axis. `out_kind`:
+    "q" or "pages". No mesh: fn(*args)."""
+    if mesh is None:
+        return fn(*args)
+    K = next(a for a, k in zip(args, kinds) if k == "pages").shape[2]
+    h = rules.spec(("kv_heads",), (K,), mesh)[0]
+    rows = pages_axis if owner is None else None
+    spec = dict(q=P(rows, None, h, None), pages=P(pages_axis, None, h, None), heads=P(h), n_new=P(rows))
+
+    def spec_of(a, kind):
+        return P(rows, *(None,) * (a.ndim - 1)) if kind == "rows" else spec[kind]
+
+    in_specs = tuple(spec_of(a, k) for a, k in zip(args, kinds))
+    combine = owner is not None and pages_axis is not None
+
+    def local(owner, *args):
+        if combine:
+            own = jax.lax.axis_index(pages_axis) == owner
+            args = tuple(jnp.where(own, a, 0) if k == "n_new" else a for a, k in zip(args, kinds))
+        out = fn(*args)
+        return jax.lax.psum(out, pages_axis) if combine and out_kind == "q" else out
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + in_specs, out_specs=spec[out_kind],
+                         check_vma=False)(jnp.int32(0) if owner is None else owner, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaPagedAttention:
+    """Paged attention in jnp (`layers.paged_attention_xla`: each row's pages gathered in block-table
+    order, then masked softmax with sinks), per page shard on a mesh.
+
+    The kernel contract: pages already hold the new tokens; row b's query t is at position
+    q_start[b] + t, valid for t < n_new[b] (invalid rows give 0); keys are positions
+    0 .. q_start[b] + n_new[b] - 1, position p at page block_tables[b, p // S], offset p % S;
+    visible keys i - window < j <= i; one sink logit per q head; GQA N = K * G. A kernel variant
+    subclasses this and overrides `attend_local` (one shard's computation)."""
+
+    mesh: Mesh | None = None  # compute mesh (Auto axes)
+    rules: ShardingRules = DEFAULT_RULES
+    name = "xla"
+
+    def attend_local(self, q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B, sinks_N, *,
+                     window, sm_scale):
+        return paged_attention_xla(q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B,
+                                   sinks_N, window=window, sm_scale=sm_scale)
+
+    def __call__(self, q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B, sinks_N, *,
+                 window, sm_scale, pages_axis: str | None = None, owner=None):
+        """`pages_axis` / `owner`: where the pages and rows live on the mesh (`run_on_page_shards`)."""
+        f = functools.partial(self.attend_local, window=window, sm_scale=sm_scale)
+        args = (q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B, sinks_N)
+        return run_on_page_shards(f, self.mesh, self.rules, args, ("q", "pages", "pages", "rows", "rows", "n_new",
+                                                                   "heads"),
+                                  "q", pages_axis=pages_axis, owner=owner)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasPagedAttention(XlaPagedAttention):
+    """`pallas_kernels.paged_attention` (Triton on GPU, Mosaic on TPU, interpret mode on CPU), per
+    page shard like the XLA op: it reads only the pages in each query block's window instead of
+    gathering whole rows."""
+
+    impl: Impl = Impl.AUTO
+    name = "pallas"
+
+    def attend_local(self, q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B, n_new_B, sinks_N, *,
+                     window, sm_scale):
+        return paged_attention.paged_attention(q_BTNH, k_pages_PSKH, v_pages_PSKH, block_tables_BM, q_start_B,
+                                               n_new_B, sinks_N, window=window, sm_scale=sm_scale, impl=self.impl)
+
+
+# ---------------------------------------------------------------------------------------------
 # Mixture of experts
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -205,3 +295,4 @@ class PallasMoE(_ExpertParallel):
 
 
 OPS = {"xla": (XlaAttention, XlaMoE), "pallas": (PallasAttention, PallasMoE)}
+PAGED_OPS = {"xla": XlaPagedAttention, "pallas": PallasPagedAttention}  # the engine's paged attention

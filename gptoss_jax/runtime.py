@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import sharding as shd
-from .ops import OPS, PallasAttention, PallasMoE, XlaAttention, XlaMoE
+from .ops import (OPS, PAGED_OPS, PallasAttention, PallasMoE, PallasPagedAttention, XlaAttention, XlaMoE,
+                  XlaPagedAttention)
 
 KERNEL_CHOICES = ("auto", "xla", "pallas")
 
@@ -43,6 +44,7 @@ class Runtime:
     moe: XlaMoE | PallasMoE
     mesh: Mesh | None = None  # the user's mesh, as given (any axis types)
     rules: shd.ShardingRules = shd.DEFAULT_RULES
+    paged_attention: XlaPagedAttention | PallasPagedAttention = XlaPagedAttention()  # the engine's paged cache
 
     @classmethod
     def create(cls, kernels: str = "xla", mesh: Mesh | None = None,
@@ -52,10 +54,12 @@ class Runtime:
         rules = shd.DEFAULT_RULES if rules is None else rules
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-        attention_cls, moe_cls = OPS[resolve_kernels(kernels)]
+        kernels = resolve_kernels(kernels)
+        attention_cls, moe_cls = OPS[kernels]
         cm = None if mesh is None else shd.compute_mesh(mesh)
         attention = attention_cls(mesh=cm, rules=rules) if attention_cls is PallasAttention else attention_cls()
-        return cls(attention=attention, moe=moe_cls(mesh=cm, rules=rules), mesh=mesh, rules=rules)
+        return cls(attention=attention, moe=moe_cls(mesh=cm, rules=rules), mesh=mesh, rules=rules,
+                   paged_attention=PAGED_OPS[kernels](mesh=cm, rules=rules))
 
     @property
     def kernels(self) -> str:
@@ -87,9 +91,10 @@ class Runtime:
         return shd.shard_batch(np.asarray(host), self.mesh, self.rules)
 
     def cache_specs(self, cache):
+        """A KV cache (`KVCache`, the engine's `PagedKVCache`) with a PartitionSpec per array."""
         if self.mesh is None:
             return jax.tree.map(lambda _: P(), cache)
-        return shd.cache_specs(cache, self.mesh, self.rules)
+        return cache.partition_specs(self.mesh, self.rules)
 
     def logits_spec(self, shape: tuple) -> P:
         """[B, (T,) V]: rows over batch, the vocabulary as the lm_head."""
@@ -100,7 +105,7 @@ class Runtime:
         """with_sharding_constraint on every cache array (B over data, K over model)."""
         if self.mesh is None:
             return cache
-        specs = shd.cache_specs(cache, self.compute_mesh, self.rules)
+        specs = cache.partition_specs(self.compute_mesh, self.rules)
         return jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(a, NamedSharding(self.compute_mesh, s)),
                             cache, specs)
 

@@ -4,8 +4,10 @@ CPU device count set, which the pytest process cannot change).
   python tests/engine_checks.py mesh CKPT OUT.json              1 process, 4 CPU devices
   python tests/engine_checks.py host I PORT CKPT OUT            process I of 2 (2 CPU devices each)
 
-Both run the same requests (the 12 staggered greedy ones and the sampled ones) through an engine on a
-(data=2, expert=1, model=2) mesh: 4 slots over data, kv heads over model.
+Both run the same requests (the 12 staggered greedy ones, the sampled ones and two sharing a prefix)
+through an engine on a (data=2, expert=1, model=2) mesh: 4 slots over data, kv heads over model, a
+paged cache of 5 pages of 32 positions per device (2 slots of 128 positions would need 8), so
+requests wait, get preempted and reuse prefix pages on their shard.
 """
 
 import json
@@ -23,27 +25,34 @@ jax.config.update("jax_default_matmul_precision", "highest")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MESH = (2, 1, 2)
-ENGINE = dict(max_seqs=4, max_len=128, prefill_chunk=32)
+ENGINE = dict(max_seqs=4, max_len=128, prefill_chunk=32, page_size=32)
+PAGES = 5  # per device (per data shard): a page (32) is larger than the window (16)
 
 
 def schedule(vocab_size):
-    from engine_helpers import greedy_schedule, sampled_requests
+    from engine_helpers import greedy_schedule, prefix_requests, sampled_requests
 
     sched, _ = greedy_schedule(vocab_size)
     sched = {k: list(v) for k, v in sched.items()}
     for i, (rid, v) in enumerate(sampled_requests(vocab_size).items()):
         sched.setdefault(2 + 4 * i, []).append((rid, *v))
+    for i, (rid, v) in enumerate(prefix_requests(vocab_size).items()):
+        sched.setdefault(50 + 6 * i, []).append((rid, *v))  # after the others: a shard to themselves
     return sched
 
 
 def run(model):
     from gptoss_jax import Engine
+    from gptoss_jax.kv import PagedCache
     from engine_helpers import run_schedule
 
-    eng = Engine(model, **ENGINE)
+    budget = PagedCache.budget(model, ENGINE["max_seqs"], ENGINE["max_len"], PAGES, page_size=ENGINE["page_size"])
+    eng = Engine(model, **ENGINE, kv_cache_bytes=budget)
     res = run_schedule(eng, schedule(model.config.vocab_size))
     return dict(tokens={rid: r["tokens"] for rid, r in res.items() if rid is not None},
                 cache_spec=_spec(eng._cache.k[1]), slot_spec=_spec(eng._slots_state.live),
+                pages_per_shard=eng.kv.layout.pages_per_shard,
+                stats={k: eng.stats[k] for k in ("preemptions", "prefix_hit_tokens")},
                 process_count=jax.process_count(), devices=len(jax.devices()))
 
 

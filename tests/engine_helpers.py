@@ -14,7 +14,7 @@ def prompt(vocab_size: int, n: int, seed: int) -> list[int]:
 def run_schedule(eng, schedule: dict, *, max_steps: int = 10_000) -> dict:
     """schedule: {step: [(request_id, prompt, SamplingParams), ...]} added just before that step.
 
-    Returns {request_id: {"tokens", "logprobs", "reason", "first_step", "last_step"}} and, under the
+    Returns {request_id: {"tokens", "logprobs", "top", "reason", "first_step", "last_step"}} and, under the
     key None, {"steps", "max_busy"} (the most slots taken after any step). On several processes only
     process 0 adds; every process runs the same loop (has_unfinished_requests is collective)."""
     import jax
@@ -25,10 +25,11 @@ def run_schedule(eng, schedule: dict, *, max_steps: int = 10_000) -> dict:
             for rid, ids, params in schedule.get(step, ()):
                 eng.add_request(ids, params, request_id=rid)
         for o in eng.step():
-            r = out.setdefault(o.request_id, dict(tokens=[], logprobs=[], reason=None, first_step=step))
+            r = out.setdefault(o.request_id, dict(tokens=[], logprobs=[], top=[], reason=None, first_step=step))
             assert r["reason"] is None, f"{o.request_id} reported after it finished"
             r["tokens"] += o.new_token_ids
             r["logprobs"] += o.logprobs or []
+            r["top"] += o.top_logprobs or []
             r["last_step"] = step
             if o.finished:
                 r["reason"] = o.finish_reason
@@ -72,3 +73,16 @@ def sampled_requests(vocab_size: int) -> dict:
     return {f"s{i}": (prompt(vocab_size, n, seed=200 + i),
                       SamplingParams(max_tokens=m, stop_token_ids=(), logprobs=True, **kw))
             for i, (n, m, kw) in enumerate(SAMPLED)}
+
+
+# Two requests sharing a 70-token head (the paged cache's prefix reuse), long enough that, on a
+# small pool, the second preempts or waits for the first.
+PREFIX_HEAD = 70
+
+
+def prefix_requests(vocab_size: int) -> dict:
+    """{request_id: (prompt, SamplingParams)}: greedy, the same first 70 tokens."""
+    head = prompt(vocab_size, PREFIX_HEAD, seed=400)
+    return {f"p{i}": (head + prompt(vocab_size, n, seed=401 + i),
+                      SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=(), logprobs=True))
+            for i, n in enumerate((6, 9))}

@@ -16,7 +16,7 @@ from gptoss_jax import load_model
 from gptoss_jax.engine import Engine, SamplingParams
 from gptoss_jax.generate import generate
 
-from engine_helpers import greedy_schedule, prompt, run_schedule, sampled_requests
+from engine_helpers import PREFIX_HEAD, greedy_schedule, prefix_requests, prompt, run_schedule, sampled_requests
 from helpers import checkpoint_fixtures, run_two_processes, subprocess_env, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -330,6 +330,8 @@ def _expected(model) -> dict:
     want = {rid: solo(model, ids, m, temperature=0.0)[0] for rid, (ids, m) in reqs.items()}
     for rid, (ids, p) in sampled_requests(CFG.vocab_size).items():
         want[rid] = solo(model, ids, p.max_tokens, **sampling_kwargs(p))[0]
+    for rid, (ids, p) in prefix_requests(CFG.vocab_size).items():
+        want[rid] = solo(model, ids, p.max_tokens, temperature=0.0)[0]
     return want
 
 
@@ -354,6 +356,17 @@ def test_engine_on_a_mesh_shards_slots_over_data_and_equals_solo_generate(model,
             assert run["tokens"][rid] == tokens, (kind, rid)
 
 
+def test_paged_engine_on_a_mesh_preempts_and_reuses_prefixes(mesh_run):
+    """The mesh runs' paged cache (5 pages of 32 per data shard): some request was preempted and
+    the second prefix request reused the first one's pages (its 64-position head; a page of 32 is
+    larger than the window 16, so one snapshot page restores its rings), all equal to solo above."""
+    for kind in ("auto", "explicit"):
+        run = mesh_run[kind]
+        assert run["pages_per_shard"] == 5
+        assert run["stats"]["preemptions"] > 0, run["stats"]
+        assert run["stats"]["prefix_hit_tokens"] >= PREFIX_HEAD // 32 * 32, run["stats"]
+
+
 def test_two_process_engine_matches_one_process(model, ckpt, mesh_run, tmp_path):
     """2 processes x 2 CPU devices (gloo), the same mesh over the 4 global devices: process 0 queues
     and schedules, both execute its broadcast decisions; both report what one process does."""
@@ -364,6 +377,7 @@ def test_two_process_engine_matches_one_process(model, ckpt, mesh_run, tmp_path)
         with open(f"{out}.{i}.json") as f:
             runs.append(json.load(f))
     assert runs[0]["tokens"] == runs[1]["tokens"]  # every process reports the same outputs
+    assert runs[0]["stats"] == runs[1]["stats"] == mesh_run["auto"]["stats"]  # the same preemptions and hits
     assert runs[0]["tokens"] == mesh_run["auto"]["tokens"]  # = one process on the same mesh
     assert runs[0]["tokens"] == _expected(model)  # = solo generate() on one device
     assert runs[0]["process_count"] == 2 and runs[0]["devices"] == 4

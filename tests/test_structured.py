@@ -274,6 +274,26 @@ def test_constrained_and_unconstrained_mixes_never_recompile(model, prompt):
     jsonschema.validate(call.json_arguments(), WEATHER)
 
 
+def test_preempted_constrained_requests_resume_with_their_matcher(model, prompt):
+    """A paged pool of 10 pages of 16 positions for 4 slots, 4 prompts of 71 tokens (different
+    first tokens: no prefix shared): two requests fit, and their replies outgrow the pool, so
+    constrained replies get preempted and resume
+    (prompt + tokens so far recomputed, the next token masked by the matcher that consumed them and
+    drawn with its own index): each equals the same request served without pressure and validates."""
+    from gptoss_jax.kv import PagedCache
+
+    reqs = {f"c{i}": ([100 + i] + prompt * 7, constrained(SCHEMAS[name], seed=20 + i))
+            for i, name in enumerate(("nested", "array", "numbers", "flags"))}
+    want = run_schedule(Engine(model, **ENGINE), {0: [(rid, *v) for rid, v in reqs.items()]})
+    budget = PagedCache.budget(model, ENGINE["max_seqs"], ENGINE["max_len"], 10, page_size=16)
+    eng = Engine(model, **ENGINE, page_size=16, kv_cache_bytes=budget)
+    got = run_schedule(eng, {0: [(rid, *v) for rid, v in reqs.items()]})
+    assert eng.stats["preemptions"] > 0, eng.stats
+    for rid, (_, p) in reqs.items():
+        assert got[rid]["tokens"] == want[rid]["tokens"], rid
+        check_json_reply(got[rid]["tokens"], p.json_schema)
+
+
 def test_bad_constraints_raise_and_generate_takes_a_schema(model, prompt):
     eng = Engine(model, **ENGINE)
     with pytest.raises(ValueError, match="uniqueItems"):
