@@ -104,17 +104,24 @@ def _signals_raise():
 
 
 @contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT / SIGTERM / SIGHUP back for a few renames (delivered right after)."""
-    sigs = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+def signals_deferred():
+    """Hold SIGINT / SIGTERM / SIGHUP back while the block runs; the first one that came is raised right
+    after it (through the handlers in force before). For work a signal must not cut in half: a rename
+    swap, or a library call whose writer threads would otherwise outlive the temporary they write into.
+    Python-level (a thread's signal mask would not do: any thread may take the signal)."""
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    caught: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in sigs}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 @contextlib.contextmanager
@@ -172,7 +179,7 @@ def atomic_dir(dst: str, overwrite: bool = False, *, source: str | None = None):
     check_destination(dst, overwrite, source=source)
     with scratch_dir(parent, name) as tmp:
         yield tmp
-        with _signals_deferred():
+        with signals_deferred():
             if os.path.lexists(dst):
                 check_destination(dst, overwrite, source=source)  # it may have appeared meanwhile
                 old = os.path.join(parent, scratch_name(name, OLD_TAG))

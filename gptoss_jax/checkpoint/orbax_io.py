@@ -13,7 +13,7 @@ import numpy as np
 from ..config import GptOssConfig, load_config
 from ..errors import CheckpointError, read_json_object
 from ..params import ParamPath, assemble, flat_key, param_leaves
-from .atomic import atomic_dir
+from .atomic import atomic_dir, signals_deferred
 from .hub import resolve
 from .layout import ORBAX_MARKER, detect_layout
 from .reader import iter_checkpoint_params
@@ -53,7 +53,8 @@ def convert(src: str, dst: str, *, overwrite: bool = False, progress: bool = Tru
 
         def flush():
             if arrays:
-                ckptr.save(os.path.join(tmp, "params", group), dict(arrays))  # synchronous
+                with signals_deferred():  # orbax's writer threads must not outlive the temporary
+                    ckptr.save(os.path.join(tmp, "params", group), dict(arrays))  # synchronous
                 arrays.clear()
 
         for p, a in iter_checkpoint_params(src, cfg, layout, progress):
