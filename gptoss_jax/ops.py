@@ -35,8 +35,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 from pallas_kernels import banded_attention
 from pallas_kernels.impl import Impl
 
+from . import cpu_kernels
 from .config import GptOssConfig
-from .layers import attention_xla, experts_pallas, experts_xla, visible_mask
+from .layers import attention_xla, einsum_dense, experts_pallas, experts_xla, gathered_rows, visible_mask
 from .sharding import DEFAULT_RULES, ShardingRules, expert_axis_size
 
 
@@ -184,13 +185,17 @@ class _ExpertParallel:
 
 @dataclasses.dataclass(frozen=True)
 class XlaMoE(_ExpertParallel):
-    """`layers.experts_xla`: MXFP4 experts in checkpoint layout, dequantized inside the jit."""
+    """`layers.experts_xla`: MXFP4 experts in checkpoint layout, dequantized inside the jit.
+    `cpu_decode`: few routed rows (decode) take `cpu_kernels.experts_rows`, the packed blocks
+    decoded inside the reduction (Runtime.create sets it on a CPU backend)."""
 
+    cpu_decode: bool = False
     name = "xla"
     kernel_layout = False
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
-        return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset)
+        rows = cpu_kernels.experts_rows if self.cpu_decode else gathered_rows
+        return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, rows_fn=rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +207,31 @@ class PallasMoE(_ExpertParallel):
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
         return experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, normal_scales=normal_scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense projections
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class XlaDense:
+    """The dense projections (attention q / k / v / o, lm_head): `layers.einsum_dense`, which GSPMD
+    partitions, and the embedding lookup. `cpu_rows`: products of at most that many activation rows
+    (decode) take `cpu_kernels.project` instead, which reads the bfloat16 weights as stored, and the
+    lookup gathers the table's bits (Runtime.create sets it on a CPU backend; 0 = never)."""
+
+    cpu_rows: int = 0
+
+    def take(self, table_VD, ids):
+        """Rows `ids` of an embedding table."""
+        if self.cpu_rows:
+            return cpu_kernels.take_rows(table_VD, ids)
+        return jnp.take(table_VD, ids, axis=0)
+
+    def __call__(self, eq, x, w, *, n_in: int = 1, in_first: bool = True, preferred_element_type=None):
+        rows = math.prod(x.shape[:x.ndim - n_in])
+        if rows <= self.cpu_rows and cpu_kernels.supports(x, w, n_in, in_first=in_first):
+            return cpu_kernels.project(x, w, n_in, in_first=in_first).astype(preferred_element_type or x.dtype)
+        return einsum_dense(eq, x, w, n_in=n_in, in_first=in_first, preferred_element_type=preferred_element_type)
 
 
 OPS = {"xla": (XlaAttention, XlaMoE), "pallas": (PallasAttention, PallasMoE)}
