@@ -113,25 +113,29 @@ def _expert_tiles(e_R, E, tile):
     return order, slot, jnp.minimum(tile_expert, E - 1), tile_end[-1], NT
 
 
-def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
-    """Per-row expert outputs [R, D] (float32, before routing weights) by a scan over expert tiles:
-    each step dequantizes one expert's weights and runs both projections on its tile. Work and
-    memory follow the routed rows, never all experts densely, and the scan is differentiable."""
+def dequantized_tile(x_tD, e, p, cfg: GptOssConfig):
+    """One expert's FFN on a tile of rows: expert e's weights dequantized, then both projections:
+    float32 [t, D] (before the routing weight)."""
+    dtype = x_tD.dtype
+    w1 = mxfp4.dequantize(p["w1_blocks"][e], p["w1_scales"][e], dtype)  # [2F, D]
+    h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=jnp.float32)
+    h = swiglu(h + p["b1"][e].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
+    w2 = mxfp4.dequantize(p["w2_blocks"][e], p["w2_scales"][e], dtype)  # [D, F]
+    return jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=jnp.float32) + p["b2"][e].astype(jnp.float32)
+
+
+def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig, tile_fn=dequantized_tile, tile=MOE_TILE_ROWS):
+    """Per-row expert outputs [R, D] (float32, before routing weights) by a scan over expert tiles of
+    `tile` rows: each step runs `tile_fn` (one expert on its tile). Work and memory follow the
+    routed rows, never all experts densely, and the scan is differentiable."""
     dtype = x_MD.dtype
     D = x_MD.shape[1]
     E = p["w1_blocks"].shape[0]
-    tile = MOE_TILE_ROWS
     order, slot, tile_expert, n_tiles, NT = _expert_tiles(e_R, E, tile)
     x_pad = jnp.zeros((NT * tile, D), dtype).at[slot].set(x_MD[order // k], mode="drop")
 
     def run_tile(t):
-        e = tile_expert[t]
-        x_tD = jax.lax.dynamic_slice_in_dim(x_pad, t * tile, tile)
-        w1 = mxfp4.dequantize(p["w1_blocks"][e], p["w1_scales"][e], dtype)  # [2F, D]
-        h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=jnp.float32)
-        h = swiglu(h + p["b1"][e].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
-        w2 = mxfp4.dequantize(p["w2_blocks"][e], p["w2_scales"][e], dtype)  # [D, F]
-        return jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=jnp.float32) + p["b2"][e].astype(jnp.float32)
+        return tile_fn(jax.lax.dynamic_slice_in_dim(x_pad, t * tile, tile), tile_expert[t], p, cfg)
 
     def step(_, t):
         y = jax.lax.cond(t < n_tiles, run_tile, lambda t: jnp.zeros((tile, D), jnp.float32), t)
@@ -154,14 +158,16 @@ def gathered_rows(x_RD, e_R, p, cfg: GptOssConfig):
     return y_RD + p["b2"][e_R].astype(jnp.float32)
 
 
-def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None, rows_fn=gathered_rows):
+def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None, rows_fn=gathered_rows,
+                tile_fn=dequantized_tile, tile_rows=MOE_TILE_ROWS):
     """Dropless MoE on the XLA path: the M*k (token, expert) rows go through their experts, whose
     MXFP4 weights are dequantized inside the jit one expert at a time, then are summed back per
     token with the routing weights.
 
-    Fewer rows than experts (decode): `rows_fn(x_RD, e_R, p, cfg)` evaluates each row's expert
-    (`gathered_rows`, or the fused XLA:CPU formulation `cpu_kernels.experts_rows`). Otherwise rows
-    are sorted into per-expert tiles and a scan runs one tile per step.
+    Fewer rows than experts (decode): `rows_fn(x_RD, e_R, p, cfg)` evaluates each row's expert.
+    Otherwise rows are sorted into per-expert tiles and a scan runs `tile_fn(x_tD, e, p, cfg)` on one
+    tile of `tile_rows` rows per step. (The XLA:CPU formulations of `cpu_kernels` replace both on a
+    CPU backend.)
 
     Expert parallelism: `p` may hold a slice of E_local consecutive experts starting at global id
     `expert_offset` (a traced scalar is fine); rows routed elsewhere then contribute exactly zero, so
@@ -181,7 +187,7 @@ def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=No
         e_R = jnp.minimum(e_R, E - 1)  # rows of other slices compute on any local expert, masked below
         y_RD = rows_fn(jnp.repeat(x_MD, k, axis=0), e_R, p, cfg)
     else:
-        y_RD = _experts_tiled(x_MD, e_R, k, p, cfg)
+        y_RD = _experts_tiled(x_MD, e_R, k, p, cfg, tile_fn, tile_rows)
     if local_R is not None:
         y_RD = jnp.where(local_R[:, None], y_RD, 0.0)  # where, not *: rows past the groups are undefined
     y_MkD = y_RD.reshape(M, k, D) * weights_Mk.astype(jnp.float32)[..., None]

@@ -37,7 +37,7 @@ from pallas_kernels.impl import Impl
 
 from . import cpu_kernels
 from .config import GptOssConfig
-from .layers import attention_xla, einsum_dense, experts_pallas, experts_xla, gathered_rows, visible_mask
+from .layers import attention_xla, einsum_dense, experts_pallas, experts_xla, visible_mask
 from .sharding import DEFAULT_RULES, ShardingRules, expert_axis_size
 
 
@@ -186,16 +186,20 @@ class _ExpertParallel:
 @dataclasses.dataclass(frozen=True)
 class XlaMoE(_ExpertParallel):
     """`layers.experts_xla`: MXFP4 experts in checkpoint layout, dequantized inside the jit.
-    `cpu_decode`: few routed rows (decode) take `cpu_kernels.experts_rows`, the packed blocks
-    decoded inside the reduction (Runtime.create sets it on a CPU backend)."""
+    `cpu_decode`: the XLA:CPU formulations of `cpu_kernels` (Runtime.create sets it on a CPU
+    backend): few routed rows (decode) decode the packed blocks inside the reductions
+    (`experts_rows`), tiles dequantize in split order (`expert_tile`)."""
 
     cpu_decode: bool = False
     name = "xla"
     kernel_layout = False
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
-        rows = cpu_kernels.experts_rows if self.cpu_decode else gathered_rows
-        return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, rows_fn=rows)
+        if self.cpu_decode:
+            tile = cpu_kernels.tile_rows(idx_Mk.size, p["w1_blocks"].shape[0])
+            return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, rows_fn=cpu_kernels.experts_rows,
+                               tile_fn=cpu_kernels.expert_tile, tile_rows=tile)
+        return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset)
 
 
 @dataclasses.dataclass(frozen=True)
