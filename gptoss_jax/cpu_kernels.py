@@ -211,6 +211,20 @@ def take_rows(table_VD, ids):
     return unhoisted(gather, filled, jnp.any(~valid), table_VD, ids)
 
 
+def dot(x, w, n_in: int, *, in_first: bool):
+    """The product `project` computes, for any number of rows, as one two-dimensional dot with a
+    float32 result: XLA:CPU's library dot (YNNPACK) then reads bfloat16 operands as stored, where a
+    bfloat16 result, or contracted axes XLA orders differently on the two sides (o: [N, H]), make it
+    convert or transpose the weight into a copy first."""
+    lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    outs = w.shape[n_in:] if in_first else w.shape[:w.ndim - n_in]
+    M, K, N = math.prod(lead), math.prod(ins), math.prod(outs)
+    w2 = w.reshape(K, N) if in_first else w.reshape(N, K)
+    y = jax.lax.dot_general(x.reshape(M, K), w2.astype(x.dtype), (((1,), (0 if in_first else 1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.reshape(*lead, *outs)
+
+
 def supports(x, w, n_in: int, *, in_first: bool) -> bool:
     """Whether `project` has a formulation for these operands: chunks must divide a leading
     contraction; a trailing one needs bfloat16 operands (the library dot)."""

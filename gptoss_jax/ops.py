@@ -232,10 +232,12 @@ class XlaDense:
         return jnp.take(table_VD, ids, axis=0)
 
     def __call__(self, eq, x, w, *, n_in: int = 1, in_first: bool = True, preferred_element_type=None):
-        rows = math.prod(x.shape[:x.ndim - n_in])
-        if rows <= self.cpu_rows and cpu_kernels.supports(x, w, n_in, in_first=in_first):
-            return cpu_kernels.project(x, w, n_in, in_first=in_first).astype(preferred_element_type or x.dtype)
-        return einsum_dense(eq, x, w, n_in=n_in, in_first=in_first, preferred_element_type=preferred_element_type)
+        if not self.cpu_rows:
+            return einsum_dense(eq, x, w, n_in=n_in, in_first=in_first, preferred_element_type=preferred_element_type)
+        out_dtype = preferred_element_type or x.dtype
+        if math.prod(x.shape[:x.ndim - n_in]) <= self.cpu_rows and cpu_kernels.supports(x, w, n_in, in_first=in_first):
+            return cpu_kernels.project(x, w, n_in, in_first=in_first).astype(out_dtype)
+        return cpu_kernels.dot(x, w, n_in, in_first=in_first).astype(out_dtype)
 
 
 OPS = {"xla": (XlaAttention, XlaMoE), "pallas": (PallasAttention, PallasMoE)}

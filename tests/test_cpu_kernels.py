@@ -182,7 +182,8 @@ def test_cpu_xla_flags_add_only_what_the_user_did_not_set(tmp_path):
     cpuinfo.write_text("flags : fpu sse avx2\n")
     env = {}
     platforms.cpu_xla_flags(env, cpuinfo=str(cpuinfo))
-    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    assert env["XLA_FLAGS"] == ("--xla_cpu_experimental_ynn_fusion_type=individual_dot "
+                                "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
     assert platforms.cpu_xla_flags(env, cpuinfo=str(cpuinfo)) == env["XLA_FLAGS"]  # idempotent
 
 
