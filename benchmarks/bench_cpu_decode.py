@@ -97,10 +97,11 @@ def uptime() -> str:
         return "unavailable"
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads)."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main():
@@ -143,10 +144,11 @@ def main():
     run(short)
     run(args.new)
     compile_s = time.perf_counter() - t
-    prefill_s = min(timed(lambda: run(1)) for _ in range(args.repeat))
-    short_s = min(timed(lambda: run(short)) for _ in range(args.repeat))
-    long_s = min(timed(lambda: run(args.new)) for _ in range(args.repeat))
+    prefill_s = min(timed(lambda: run(1)) for _ in range(args.repeat))[0]
+    short_s, short_cpu = min(timed(lambda: run(short)) for _ in range(args.repeat))
+    long_s, long_cpu = min(timed(lambda: run(args.new)) for _ in range(args.repeat))
     decode_tok_s = (args.new - short) / (long_s - short_s)
+    decode_cpu_s = (long_cpu - short_cpu) / (args.new - short)  # CPU time a token costs, all cores
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     read = decode_bytes_per_token(model, args.prompt + args.new)
@@ -163,6 +165,7 @@ def main():
         "prefill_tok_s": args.prompt / prefill_s,
         "decode_tok_s": decode_tok_s,
         "decode_ms_per_token": 1e3 / decode_tok_s,
+        "decode_cpu_s_per_token": decode_cpu_s,
         "fraction_of_bound": decode_tok_s / bound_tok_s,
         "peak_rss_after_load_GB": rss_load / 1e9,
         "peak_rss_GB": rss_peak / 1e9,
@@ -183,6 +186,7 @@ def main():
             (f"prefill ({args.prompt} tokens)", f"{args.prompt / prefill_s:.1f} tokens/s"),
             ("decode (batch 1, greedy)", f"{decode_tok_s:.2f} tokens/s ({1e3 / decode_tok_s:.0f} ms per token)"),
             ("fraction of the bound", f"{100 * decode_tok_s / bound_tok_s:.0f}%"),
+            ("CPU time per decode token (all cores)", f"{decode_cpu_s:.2f} s"),
             ("peak RSS (load + decode)", f"{rss_peak / 1e9:.1f} GB"),
             ("machine load (uptime)", result["uptime_after"].split("load average:")[-1].strip())]
     for k, v in rows:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import mxfp4
 
+from . import native
 from .config import GptOssConfig
 from .layers import swiglu
 
@@ -85,14 +86,42 @@ def mxfp4_matvec(x_RK, blocks_RNGb, scales_RNG):
     return jnp.sum(jnp.sum(p, axis=-1) * e8m0_f32(scales_RNG), axis=-1)
 
 
-def experts_rows(x_RD, e_R, p, cfg: GptOssConfig):
+@jax.custom_vjp
+def mxfp4_rows(x_RK, blocks_ENGb, scales_ENG, e_R):
+    """`mxfp4_matvec` of each row r with expert e_R[r]'s matrix (all experts' blocks [E, N, K/32, 16]
+    and scales [E, N, K/32] passed whole) by the native kernel (`gptoss_jax.native`; call only where
+    `native.available()`): float32 [R, N]. Differentiable in x (the backward pass is XLA's)."""
+    return native.mxfp4_rows_call(x_RK, blocks_ENGb, scales_ENG, e_R)
+
+
+def _mxfp4_rows_fwd(x_RK, blocks_ENGb, scales_ENG, e_R):
+    return mxfp4_rows(x_RK, blocks_ENGb, scales_ENG, e_R), (x_RK, blocks_ENGb, scales_ENG, e_R)
+
+
+def _mxfp4_rows_bwd(res, dy_RN):
+    x_RK, blocks_ENGb, scales_ENG, e_R = res
+    _, vjp = jax.vjp(lambda x: mxfp4_matvec(x, blocks_ENGb[e_R], scales_ENG[e_R]), x_RK)
+    return vjp(dy_RN)[0], None, None, None
+
+
+mxfp4_rows.defvjp(_mxfp4_rows_fwd, _mxfp4_rows_bwd)
+
+
+def experts_rows(x_RD, e_R, p, cfg: GptOssConfig, *, native_kernel: bool = False):
     """Row r through expert e_R[r] (MXFP4 weights of `p` in checkpoint layout), before the routing
     weight: float32 [R, D]. The drop-in for `layers.gathered_rows` on XLA:CPU: the routed experts'
-    packed blocks are read in place (the gather fuses into the reduction), never dequantized whole."""
+    packed blocks are read in place, never dequantized whole; by the native kernel (`mxfp4_rows`)
+    if `native_kernel`, else by XLA fusions (the gather fuses into the reduction)."""
     dtype = x_RD.dtype
-    h = mxfp4_matvec(x_RD, p["w1_blocks"][e_R], p["w1_scales"][e_R]) + p["b1"][e_R].astype(jnp.float32)
+
+    def matvec(x, blocks, scales):
+        if native_kernel:
+            return mxfp4_rows(x, blocks, scales, e_R)
+        return mxfp4_matvec(x, blocks[e_R], scales[e_R])
+
+    h = matvec(x_RD, p["w1_blocks"], p["w1_scales"]) + p["b1"][e_R].astype(jnp.float32)
     h = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)  # rounded as the XLA path rounds it
-    return mxfp4_matvec(h, p["w2_blocks"][e_R], p["w2_scales"][e_R]) + p["b2"][e_R].astype(jnp.float32)
+    return matvec(h, p["w2_blocks"], p["w2_scales"]) + p["b2"][e_R].astype(jnp.float32)
 
 
 def unhoisted(fast, other, use_other, *args):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import sharding as shd
+from . import native, sharding as shd
 from .ops import OPS, PallasAttention, PallasMoE, XlaAttention, XlaDense, XlaMoE
 
 KERNEL_CHOICES = ("auto", "xla", "pallas")
@@ -61,7 +61,8 @@ class Runtime:
         attention = attention_cls(mesh=cm, rules=rules) if attention_cls is PallasAttention else attention_cls()
         moe, dense = moe_cls(mesh=cm, rules=rules), XlaDense()
         if moe_cls is XlaMoE and _platform(mesh) == "cpu":  # XLA:CPU: the decode formulations of cpu_kernels
-            moe, dense = XlaMoE(mesh=cm, rules=rules, cpu_decode=True), XlaDense(cpu_rows=CPU_DENSE_ROWS)
+            moe = XlaMoE(mesh=cm, rules=rules, cpu_decode=True, native_rows=native.available())
+            dense = XlaDense(cpu_rows=CPU_DENSE_ROWS)
         return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense)
 
     @property

@@ -1,6 +1,8 @@
 """The XLA:CPU decode formulations (gptoss_jax.cpu_kernels) against the XLA references, and their
 choice by Runtime on a CPU backend."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import mxfp4
-from gptoss_jax import cpu_kernels, platforms
+from gptoss_jax import cpu_kernels, native, platforms
 from gptoss_jax.generate import generate
 from gptoss_jax.layers import experts_xla
 from gptoss_jax.model import GptOss
@@ -127,7 +129,7 @@ def test_tile_rows_follow_the_mean_group():
 
 def test_runtime_chooses_the_cpu_formulations_on_cpu_only_for_xla():
     rt = Runtime.create("xla")
-    assert rt.moe.cpu_decode and rt.dense.cpu_rows > 0
+    assert rt.moe.cpu_decode and rt.dense.cpu_rows > 0 and rt.moe.native_rows == native.available()
     rt = Runtime.create("pallas")
     assert rt.dense == XlaDense() and not hasattr(rt.moe, "cpu_decode")
 
@@ -198,3 +200,53 @@ def test_token_clock_reports_first_token_and_decode_rate():
     one = TokenClock(2, clock=iter([0.0, 1.0]).__next__)
     one.tick()
     assert one.summary() == "2 prompt tokens, first token after 1.00 s; 1 token generated"
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the XLA formulations serve")
+
+
+@needs_native
+def test_native_mxfp4_rows_match_the_xla_formulation():
+    blocks, scales = every_code(3 * 40, 4, 100, 140, seed=7)
+    blocks, scales = blocks.reshape(3, 40, 4, 16), scales.reshape(3, 40, 4)  # 3 experts of [40, 128]
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(5, 128)), jnp.float32)
+    e = jnp.asarray([2, 0, 2, 1, 7], jnp.int32)  # 7: out of range, clamped as XLA's gather clamps
+    ours = jax.jit(cpu_kernels.mxfp4_rows)(x, blocks, scales, e)
+    ref = cpu_kernels.mxfp4_matvec(x, blocks[e], scales[e])
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6 * float(jnp.abs(ref).max()))
+    dy = jnp.asarray(np.random.default_rng(9).normal(size=(5, 40)), jnp.float32)
+    g = jax.grad(lambda x: jnp.vdot(cpu_kernels.mxfp4_rows(x, blocks, scales, e), dy))(x)
+    g_ref = jax.grad(lambda x: jnp.vdot(cpu_kernels.mxfp4_matvec(x, blocks[e], scales[e]), dy))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()))
+
+
+@needs_native
+@pytest.mark.parametrize("offset", [None, 4])
+def test_native_experts_match_dense_reference(offset):
+    cfg = tiny_config(num_local_experts=8, num_experts_per_tok=2)
+    p = make(8, cfg.hidden_size, cfg.intermediate_size, seed=9)
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(3, cfg.hidden_size)).astype(np.float32)
+    idx = np.argsort(-rng.normal(size=(3, 8)), axis=1)[:, :2].astype(np.int32)
+    weights = rng.dirichlet(np.ones(2), size=3).astype(np.float32)
+    rows = functools.partial(cpu_kernels.experts_rows, native_kernel=True)
+    if offset is None:
+        ref = dense_reference(x, weights, idx, p, cfg)
+        ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, p, cfg, rows_fn=rows))(x, weights, idx)
+    else:
+        ref = dense_reference(x, np.where(idx >= offset, weights, 0), idx, p, cfg)
+        held = {n: v[offset:] for n, v in p.items()}
+        ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, held, cfg, jnp.int32(offset), rows_fn=rows))(x, weights, idx)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_native_build_failure_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    bad = tmp_path / "cxx"
+    bad.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake; exit 0; fi\necho broken >&2\nexit 1\n')
+    bad.chmod(0o755)
+    with caplog.at_level("WARNING", logger=native.__name__):
+        assert native.load(str(bad)) is False
+    assert "native CPU kernels unavailable" in caplog.text and "broken" in caplog.text
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left in the cache
+    assert native.load(None) is False
