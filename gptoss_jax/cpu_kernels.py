@@ -51,8 +51,10 @@ _HALF = mxfp4.BYTES_PER_BLOCK  # codes per nibble plane of a block
 
 
 def to_f32(w):
-    """Weights as float32 inside the consuming fusion. bfloat16 by its bits (a shift): an XLA:CPU
-    convert of a bfloat16 parameter would be rewritten into a float32 copy of the whole array."""
+    """float32 inside the consuming fusion; bfloat16 by its bits (a shift). XLA:CPU rewrites a convert
+    of a bfloat16 parameter into a float32 copy of the whole array, and its bfloat16 convert inside
+    a fusion does not vectorise (a bfloat16 activation converted in a projection's fusion halves
+    its speed)."""
     if w.dtype == jnp.bfloat16:
         bits = jax.lax.bitcast_convert_type(w, jnp.uint16).astype(jnp.uint32) << 16
         return jax.lax.bitcast_convert_type(bits, jnp.float32)
@@ -80,7 +82,7 @@ def mxfp4_matvec(x_RK, blocks_RNGb, scales_RNG):
     split into its even and odd elements once and each byte meets both halves."""
     R, K = x_RK.shape
     G = K // mxfp4.BLOCK
-    xr = x_RK.astype(jnp.float32).reshape(R, 1, G, _HALF, 2)
+    xr = to_f32(x_RK).reshape(R, 1, G, _HALF, 2)
     codes = blocks_RNGb.astype(jnp.int32)
     p = e2m1_f32(codes & 15) * xr[..., 0] + e2m1_f32(codes >> 4) * xr[..., 1]  # [R, N, G, 16]
     return jnp.sum(jnp.sum(p, axis=-1) * e8m0_f32(scales_RNG), axis=-1)
@@ -115,9 +117,17 @@ def experts_rows(x_RD, e_R, p, cfg: GptOssConfig, *, native_kernel: bool = False
     dtype = x_RD.dtype
 
     def matvec(x, blocks, scales):
+        x = to_f32(x)  # widened apart from the product's fusion, as in `project`
         if native_kernel:
             return mxfp4_rows(x, blocks, scales, e_R)
-        return mxfp4_matvec(x, blocks[e_R], scales[e_R])
+
+        def fused(x, blocks, scales):  # the gather inside: it fuses into the reduction
+            return mxfp4_matvec(x, blocks[e_R], scales[e_R])
+
+        def nans(x, blocks, scales):  # every row holds a NaN: so does each of its outputs
+            return jnp.full((x.shape[0], blocks.shape[1]), jnp.nan, jnp.float32)
+
+        return unhoisted(fused, nans, jnp.all(jnp.any(jnp.isnan(x), axis=1)), x, blocks, scales)
 
     h = matvec(x_RD, p["w1_blocks"], p["w1_scales"]) + p["b1"][e_R].astype(jnp.float32)
     h = swiglu(h, cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)  # rounded as the XLA path rounds it
@@ -187,7 +197,7 @@ def _matvec_in_first(x_MK, w_KN):
     M, K = x_MK.shape
     A = K // CHUNK
     w = to_f32(w_KN).reshape(A, CHUNK, -1)
-    x = x_MK.astype(jnp.float32).reshape(M, A, CHUNK, 1)
+    x = to_f32(x_MK).reshape(M, A, CHUNK, 1)
     partial = jnp.sum(x * w, axis=2)  # [M, A, N]: one fusion, the converted w never stored
     return jnp.sum(jax.lax.optimization_barrier(partial), axis=1)
 
@@ -215,7 +225,9 @@ def project(x, w, n_in: int, *, in_first: bool):
     def nans(x_MK, w):  # every row holds a NaN: so does each of its outputs (NaN * 0 is NaN)
         return jnp.full((M, N), jnp.nan, jnp.float32)
 
-    x_MK = x.reshape(M, K)
+    # bfloat16 activations widen here, outside the conditional: a bfloat16 operand of the product's
+    # fusion halves its speed, however it is converted there
+    x_MK = x.reshape(M, K) if not in_first else to_f32(x.reshape(M, K))
     y = unhoisted(fast, nans, jnp.all(jnp.any(jnp.isnan(x_MK), axis=1)), x_MK, w)
     return y.reshape(*lead, *outs)
 
