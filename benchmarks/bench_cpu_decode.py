@@ -5,7 +5,8 @@ bound, in one run: **CPU figures** (XLA:CPU, whatever cores this host has).
 
 - makes the random 20b checkpoint in the released layout (`gptoss-jax make-random-checkpoint`, in a
   subprocess) unless `--ckpt` already holds one;
-- host copy bandwidth: numpy copy of a 512 MiB array, bytes read + written per second (best of 5);
+- host copy bandwidth: numpy copy of a 512 MiB array, bytes read + written per second (best of 5),
+  measured before the load and after the decode runs; the bound takes the higher one;
 - bytes a decode token reads: every weight a token touches (attention, router, the k routed experts'
   packed MXFP4 blocks and scales, lm_head, one embedding row, norms and biases) plus the KV cache at
   the measured context; the bound is bandwidth / those bytes;
@@ -150,14 +151,16 @@ def main():
     decode_tok_s = (args.new - short) / (long_s - short_s)
     decode_cpu_s = (long_cpu - short_cpu) / (args.new - short)  # CPU time a token costs, all cores
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    bandwidth_after = host_copy_bandwidth()  # after: this process's peak is its model's by now
 
     read = decode_bytes_per_token(model, args.prompt + args.new)
-    bound_tok_s = bandwidth / read["total"]
+    bound_tok_s = max(bandwidth, bandwidth_after) / read["total"]
     result = {
         "device": f"CPU ({jax.devices()[0].device_kind}, {os.cpu_count()} cores): CPU figures",
         "checkpoint": args.ckpt, "made_checkpoint": made, "dtype": args.dtype,
         "layers": cfg.num_hidden_layers, "prompt_tokens": args.prompt, "new_tokens": args.new,
-        "host_copy_bandwidth_GBps": bandwidth / 1e9,
+        "host_copy_bandwidth_GBps": max(bandwidth, bandwidth_after) / 1e9,
+        "host_copy_bandwidth_before_after_GBps": [bandwidth / 1e9, bandwidth_after / 1e9],
         "decode_bytes_per_token_GB": read["total"] / 1e9,
         "decode_bytes_by_part_GB": {k: v / 1e9 for k, v in read.items() if k != "total"},
         "bandwidth_bound_tok_s": bound_tok_s,
@@ -179,7 +182,8 @@ def main():
     print()
     print(f"| CPU figures ({result['device']}) | measured |")
     print("| --- | --- |")
-    rows = [("host copy bandwidth (numpy, read + write)", f"{bandwidth / 1e9:.1f} GB/s"),
+    rows = [("host copy bandwidth (numpy, read + write; best of before / after)",
+             f"{max(bandwidth, bandwidth_after) / 1e9:.1f} GB/s ({bandwidth / 1e9:.1f} / {bandwidth_after / 1e9:.1f})"),
             ("bytes read per decode token", f"{read['total'] / 1e9:.2f} GB"),
             ("bandwidth bound", f"{bound_tok_s:.2f} tokens/s"),
             ("load time", f"{load_s:.0f} s"),
