@@ -22,6 +22,7 @@ Needs ~13 GiB of free memory for the 20b (parameters 12.8 GiB); `--ckpt` any oth
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -151,9 +152,10 @@ def main():
     decode_tok_s = (args.new - short) / (long_s - short_s)
     decode_cpu_s = (long_cpu - short_cpu) / (args.new - short)  # CPU time a token costs, all cores
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    bandwidth_after = host_copy_bandwidth()  # after: this process's peak is its model's by now
-
     read = decode_bytes_per_token(model, args.prompt + args.new)
+    del model  # the parameters' memory back before the copy's arrays are made
+    gc.collect()
+    bandwidth_after = host_copy_bandwidth()
     bound_tok_s = max(bandwidth, bandwidth_after) / read["total"]
     result = {
         "device": f"CPU ({jax.devices()[0].device_kind}, {os.cpu_count()} cores): CPU figures",
