@@ -32,6 +32,7 @@ Every function here is pure jnp and differentiable; the op objects of `gptoss_ja
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -152,7 +153,7 @@ def split_order(x_TK):
     return x_TK.reshape(T, K // mxfp4.BLOCK, _HALF, 2).swapaxes(-1, -2).reshape(T, K)
 
 
-def dequantize_split(blocks_NGb, scales_NG, dtype):
+def dequantize_split(blocks_NGb, scales_NG, dtype=jnp.bfloat16):
     """MXFP4 W [N, K] dequantized with the columns in `split_order` (the low nibbles of a block, then
     its high nibbles: no interleaving, which XLA:CPU vectorises poorly). Values exact for E8M0
     exponents in [1, 254] whose products stay normal (XLA:CPU flushes subnormals)."""
@@ -170,20 +171,26 @@ def tile_rows(rows: int, experts: int) -> int:
     return min(128, max(16, 2 * (1 << (mean - 1).bit_length())))
 
 
-def expert_tile(x_tD, e, p, cfg: GptOssConfig):
-    """The drop-in for `layers.dequantized_tile` on XLA:CPU: expert e dequantized in split order
-    (the activations permuted to match), then both projections as library dots: float32 [t, D].
+def expert_tile(x_tD, e, p, cfg: GptOssConfig, *, native_kernel: bool = False):
+    """The drop-in for `layers.dequantized_tile` on XLA:CPU: expert e dequantized to bfloat16 (by the
+    native kernel if `native_kernel`; else by XLA, the columns in split order and the activations
+    permuted to match), then both projections as library dots: float32 [t, D].
 
     Expert e's packed arrays are sliced out first and enter a conditional as plain buffers: fused
     into the dequantization, the dynamic slice's per-element indexing runs it ~4x slower."""
     dtype = x_tD.dtype
+    if native_kernel:
+        dequantize, order = native.mxfp4_dequant_call, lambda x: x
+    else:
+        dequantize, order = functools.partial(dequantize_split, dtype=dtype), split_order
 
     def ffn(x_tD, w1_b, w1_s, b1, w2_b, w2_s, b2):
-        w1 = dequantize_split(w1_b, w1_s, dtype)  # [2F, D], D in split order
-        h = jnp.einsum("tD,ND->tN", split_order(x_tD), w1, preferred_element_type=jnp.float32)
+        w1 = dequantize(w1_b, w1_s)  # [2F, D]
+        h = jnp.einsum("tD,ND->tN", order(x_tD), w1.astype(dtype), preferred_element_type=jnp.float32)
         h = swiglu(h + b1.astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
-        w2 = dequantize_split(w2_b, w2_s, dtype)  # [D, F], F in split order
-        return jnp.einsum("tF,DF->tD", split_order(h), w2, preferred_element_type=jnp.float32) + b2.astype(jnp.float32)
+        w2 = dequantize(w2_b, w2_s)  # [D, F]
+        return jnp.einsum("tF,DF->tD", order(h), w2.astype(dtype), preferred_element_type=jnp.float32) + \
+            b2.astype(jnp.float32)
 
     def nothing(x_tD, *_):  # e < 0 never happens (tile experts are clipped to [0, E))
         return jnp.zeros(x_tD.shape, jnp.float32)

@@ -187,21 +187,22 @@ class _ExpertParallel:
 class XlaMoE(_ExpertParallel):
     """`layers.experts_xla`: MXFP4 experts in checkpoint layout, dequantized inside the jit.
     `cpu_decode`: the XLA:CPU formulations of `cpu_kernels` (Runtime.create sets it on a CPU
-    backend): few routed rows (decode) read the packed blocks in place (`experts_rows`), by the
-    native kernel if `native_rows` (built and registered: `gptoss_jax.native.available()`), else by
-    XLA fusions; tiles dequantize in split order (`expert_tile`)."""
+    backend): few routed rows (decode) read the packed blocks in place (`experts_rows`), tiles of
+    many rows dequantize one expert each (`expert_tile`); by the native kernels if `native` (built
+    and registered: `gptoss_jax.native.available()`), else by XLA fusions."""
 
     cpu_decode: bool = False
-    native_rows: bool = False
+    native: bool = False
     name = "xla"
     kernel_layout = False
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
         if self.cpu_decode:
             tile = cpu_kernels.tile_rows(idx_Mk.size, p["w1_blocks"].shape[0])
-            rows = functools.partial(cpu_kernels.experts_rows, native_kernel=self.native_rows)
-            return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, rows_fn=rows,
-                               tile_fn=cpu_kernels.expert_tile, tile_rows=tile)
+            rows = functools.partial(cpu_kernels.experts_rows, native_kernel=self.native)
+            tiles = functools.partial(cpu_kernels.expert_tile, native_kernel=self.native)
+            return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, rows_fn=rows, tile_fn=tiles,
+                               tile_rows=tile)
         return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset)
 
 

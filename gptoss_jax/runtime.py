@@ -61,7 +61,7 @@ class Runtime:
         attention = attention_cls(mesh=cm, rules=rules) if attention_cls is PallasAttention else attention_cls()
         moe, dense = moe_cls(mesh=cm, rules=rules), XlaDense()
         if moe_cls is XlaMoE and _platform(mesh) == "cpu":  # XLA:CPU: the decode formulations of cpu_kernels
-            moe = XlaMoE(mesh=cm, rules=rules, cpu_decode=True, native_rows=native.available())
+            moe = XlaMoE(mesh=cm, rules=rules, cpu_decode=True, native=native.available())
             dense = XlaDense(cpu_rows=CPU_DENSE_ROWS)
         return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense)
 

@@ -129,7 +129,7 @@ def test_tile_rows_follow_the_mean_group():
 
 def test_runtime_chooses_the_cpu_formulations_on_cpu_only_for_xla():
     rt = Runtime.create("xla")
-    assert rt.moe.cpu_decode and rt.dense.cpu_rows > 0 and rt.moe.native_rows == native.available()
+    assert rt.moe.cpu_decode and rt.dense.cpu_rows > 0 and rt.moe.native == native.available()
     rt = Runtime.create("pallas")
     assert rt.dense == XlaDense() and not hasattr(rt.moe, "cpu_decode")
 
@@ -250,3 +250,24 @@ def test_native_build_failure_falls_back(tmp_path, monkeypatch, caplog):
     assert "native CPU kernels unavailable" in caplog.text and "broken" in caplog.text
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left in the cache
     assert native.load(None) is False
+
+
+@needs_native
+def test_native_dequant_is_dequantize():
+    blocks, scales = every_code(48, 3, 2, 252, seed=12)
+    ours = jax.jit(native.mxfp4_dequant_call)(blocks, scales)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(mxfp4.dequantize(blocks, scales, jnp.bfloat16)))
+
+
+@needs_native
+def test_native_tiles_match_dense_reference():
+    cfg = tiny_config(num_local_experts=4, num_experts_per_tok=2)
+    p = make(4, cfg.hidden_size, cfg.intermediate_size, seed=13)
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(40, cfg.hidden_size)).astype(np.float32)
+    idx = np.argsort(-rng.normal(size=(40, 4)), axis=1)[:, :2].astype(np.int32)
+    weights = rng.dirichlet(np.ones(2), size=40).astype(np.float32)
+    tiles = functools.partial(cpu_kernels.expert_tile, native_kernel=True)
+    ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, p, cfg, tile_fn=tiles, tile_rows=16))(x, weights, idx)
+    ref = dense_reference(x, weights, idx, p, cfg)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())

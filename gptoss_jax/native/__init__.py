@@ -1,10 +1,12 @@
 """Native XLA:CPU kernels (C++ through XLA's FFI), built on first use with the host's C++ compiler.
 
-`mxfp4_rows.cc`: y[r] = W_{e[r]} x[r] for MXFP4 experts in checkpoint layout, each routed row reading
-its expert's packed bytes once (the MoE decode step; `cpu_kernels.experts_rows` calls it). XLA's own
-fusion of the same product (`cpu_kernels.mxfp4_matvec`) spends ~45 instructions on 32 weights; the
-kernel looks the codes up in a register-held table and needs ~14 (2.7x, measured on AVX-512). (The
-dense bfloat16 projections gain nothing from a native kernel: XLA's formulations of `cpu_kernels`
+`mxfp4.cc`, for MXFP4 experts in checkpoint layout:
+- rows: y[r] = W_{e[r]} x[r], each routed row reading its expert's packed bytes once (the MoE decode
+  step; `cpu_kernels.experts_rows`). XLA's own fusion of the same product (`cpu_kernels.mxfp4_matvec`)
+  spends ~45 instructions on 32 weights; the kernel looks the codes up in a register-held table and
+  needs ~14 (2.7x, measured on AVX-512);
+- dequant: one expert's W [N, K] in bfloat16 (the prefill tiles; `cpu_kernels.expert_tile`), ~6x XLA's.
+(The dense bfloat16 projections gain nothing from a native kernel: XLA's formulations of `cpu_kernels`
 already read them at about one core's memory bandwidth.)
 
 The build: `c++ -O3 -march=native -std=c++17 -shared -fPIC` against jaxlib's FFI headers, into
@@ -29,9 +31,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("mxfp4_rows.cc"),)
-TARGETS = {"gptoss_jax_mxfp4_rows": "GptossMxfp4Rows"}  # FFI target name: the library's symbol
-(MXFP4_ROWS,) = TARGETS
+SOURCES = (Path(__file__).with_name("mxfp4.cc"),)
+TARGETS = {"gptoss_jax_mxfp4_rows": "GptossMxfp4Rows",  # FFI target name: the library's symbol
+           "gptoss_jax_mxfp4_dequant": "GptossMxfp4Dequant"}
+MXFP4_ROWS, MXFP4_DEQUANT = TARGETS
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 CACHE_ENV, SWITCH_ENV = "GPTOSS_JAX_CACHE", "GPTOSS_JAX_NATIVE"
 BUILD_TIMEOUT_S = 300
@@ -120,3 +123,13 @@ def mxfp4_rows_call(x_RK, blocks_ENGb, scales_ENG, experts_R):
     call = jax.ffi.ffi_call(MXFP4_ROWS, jax.ShapeDtypeStruct((R, N), jnp.float32), vmap_method="sequential")
     return call(x_RK.astype(jnp.float32), blocks_ENGb, scales_ENG, experts_R.astype(jnp.int32))
 
+
+
+def mxfp4_dequant_call(blocks_NGb, scales_NG):
+    """One MXFP4 matrix (blocks [N, K/32, 16], scales [N, K/32]) dequantized: bfloat16 [N, K]."""
+    import jax
+    import jax.numpy as jnp
+
+    N, G = scales_NG.shape
+    call = jax.ffi.ffi_call(MXFP4_DEQUANT, jax.ShapeDtypeStruct((N, G * 32), jnp.bfloat16), vmap_method="sequential")
+    return call(blocks_NGb, scales_NG)

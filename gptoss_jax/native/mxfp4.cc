@@ -1,16 +1,16 @@
-// MXFP4 matrix-vector products for XLA:CPU, one routed row at a time (the decode step of the MoE).
+// MXFP4 kernels for XLA:CPU: the MoE's expert weights as stored in the checkpoint, blocks [.., N, K/32, 16]
+// uint8 (two e2m1 codes a byte, the low nibble the even element) and scales [.., N, K/32] uint8 (E8M0:
+// 2**(s - 127)). Codes become floats through a 16-entry table held in a register (vpermps).
 //
-//   y[r, n] = sum_k W_{e[r]}[n, k] * x[r, k]
+// GptossMxfp4Rows (decode): y[r, n] = sum_k W_{e[r]}[n, k] * x[r, k], one routed row at a time. Each row
+//   reads only its expert's packed bytes, once; each 32-element block's partial sum is multiplied by its
+//   scale, as gptoss_jax.cpu_kernels.mxfp4_matvec does in XLA (the same products, summed in another order).
+// GptossMxfp4Dequant (prefill tiles): W [N, K] in bfloat16 (exact: an e2m1 value times a power of two
+//   needs two significant bits), for a library dot to multiply by a tile of rows.
 //
-// W in the checkpoint layout: blocks [E, N, K/32, 16] uint8 (two e2m1 codes a byte, the low nibble the
-// even element), scales [E, N, K/32] uint8 (E8M0: 2**(s - 127)). Each row reads only its expert's packed
-// bytes, once; codes become floats through a 16-entry table held in a register (vpermps), and each
-// 32-element block's partial sum is multiplied by its scale, as gptoss_jax.cpu_kernels.mxfp4_matvec does
-// in XLA (the same products, summed in another order). Output rows are split in chunks over XLA's
-// intra-op thread pool, the calling thread working too.
-//
-// Built on first use by gptoss_jax/native/__init__.py (-O3 -march=native) and registered as an XLA FFI
-// target; see docs/cpu.md.
+// Work is split in chunks of output rows over XLA's intra-op thread pool, the calling thread working too.
+// Built on first use by gptoss_jax/native/__init__.py (-O3 -march=native) and registered as XLA FFI
+// targets; see docs/cpu.md.
 
 #include <algorithm>
 #include <atomic>
@@ -51,10 +51,8 @@ struct Job {
   const uint8_t* scales;
   const int32_t* experts;
   float* y;
-  int64_t E, N, G, R, chunks_per_row, chunks;
+  int64_t E, N, G, R, chunks_per_row;
   std::vector<float> split;  // owns xe / xo
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 };
 
 // Rows [n0, n1) of output row r.
@@ -132,14 +130,74 @@ void RunRange(const Job& j, int64_t r, int64_t n0, int64_t n1) {
   }
 }
 
-void Work(Job& j) {
-  for (;;) {
-    const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= j.chunks) return;
-    const int64_t r = c / j.chunks_per_row, n0 = (c % j.chunks_per_row) * kChunkRows;
-    RunRange(j, r, n0, std::min(n0 + kChunkRows, j.N));
-    j.done.fetch_add(1, std::memory_order_release);
+// Runs work(chunk) for chunk in [0, chunks) on the pool's threads and this one; returns when all are done.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, F work) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, chunks, work] {
+    for (;;) {
+      const int64_t c = state->next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= chunks) return;
+      work(c);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
+  run();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Rows [n0, n1) of W (blocks [N, G, 16], scales [N, G]) into out [N, G * 32] bfloat16.
+void DequantRange(const uint8_t* blocks, const uint8_t* scales, uint16_t* out, int64_t G, int64_t n0, int64_t n1) {
+  for (int64_t row = n0 * G; row < n1 * G; ++row) {  // one 32-element block a step
+    const uint8_t* b = blocks + row * kHalf;
+    uint16_t* o = out + row * kBlock;
+    const float scale = E8M0(scales[row]);
+#if defined(__AVX512F__)
+    const __m512 lut = _mm512_load_ps(kE2M1);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m512i wl = _mm512_castps_si512(
+        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, low)), lut), s));
+    const __m512i wh = _mm512_castps_si512(
+        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), low)), lut), s));
+    // each 32-bit lane j: element 2j (low half) and 2j + 1 (high half) as bfloat16: the top bits of the floats
+    const __m512i pairs = _mm512_or_si512(_mm512_srli_epi32(wl, 16),
+                                          _mm512_and_si512(wh, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    _mm512_storeu_si512(o, pairs);
+#else
+    for (int64_t i = 0; i < kHalf; ++i) {
+      for (int half = 0; half < 2; ++half) {
+        const float f = kE2M1[half ? b[i] >> 4 : b[i] & 15] * scale;
+        uint32_t bits;
+        std::memcpy(&bits, &f, sizeof bits);
+        o[2 * i + half] = static_cast<uint16_t>(bits >> 16);
+      }
+    }
+#endif
   }
+}
+
+ffi::Error Mxfp4DequantImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
+                            ffi::ResultBuffer<ffi::BF16> out) {
+  const auto bd = blocks.dimensions(), sd = scales.dimensions();
+  if (bd.size() != 3 || sd.size() != 2 || bd[2] != kHalf || sd[0] != bd[0] || sd[1] != bd[1]) {
+    return ffi::Error::InvalidArgument("mxfp4_dequant: expected blocks [N, K/32, 16] and scales [N, K/32]");
+  }
+  const int64_t N = bd[0], G = bd[1];
+  const uint8_t* b = blocks.typed_data();
+  const uint8_t* s = scales.typed_data();
+  uint16_t* o = reinterpret_cast<uint16_t*>(out->untyped_data());
+  ParallelFor(pool, (N + kChunkRows - 1) / kChunkRows, [=](int64_t c) {
+    DequantRange(b, s, o, G, c * kChunkRows, std::min(N, (c + 1) * kChunkRows));
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error Mxfp4RowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> blocks,
@@ -168,11 +226,10 @@ ffi::Error Mxfp4RowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   job->y = y->typed_data();
   job->E = E, job->N = N, job->G = G, job->R = R;
   job->chunks_per_row = (N + kChunkRows - 1) / kChunkRows;
-  job->chunks = R * job->chunks_per_row;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { Work(*job); });
-  Work(*job);
-  while (job->done.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
+  ParallelFor(pool, R * job->chunks_per_row, [job](int64_t c) {
+    const int64_t r = c / job->chunks_per_row, n0 = (c % job->chunks_per_row) * kChunkRows;
+    RunRange(*job, r, n0, std::min(n0 + kChunkRows, job->N));
+  });
   return ffi::Error::Success();
 }
 
@@ -186,4 +243,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Rows, Mxfp4RowsImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()   // scales [E, N, K/32]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // experts [R]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [R, N]
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Dequant, Mxfp4DequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // blocks [N, K/32, 16]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // scales [N, K/32]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // W [N, K]
 );
