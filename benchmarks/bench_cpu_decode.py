@@ -116,9 +116,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of each (best taken)")
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     args = ap.parse_args()
-    if args.new < 3:
-        raise SystemExit("--new must be >= 3")
 
+    from gptoss_jax.platforms import start_jax
+
+    start_jax()  # the CPU alone on a host without accelerators, quietly
     import jax
 
     from gptoss_jax import load_model
@@ -134,8 +135,10 @@ def main():
     rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cfg = model.config
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.prompt)).astype(np.int32)
-    short = 2  # the same decode bucket as args.new: one decode-loop compile serves both
-    assert decode_bucket(short) == decode_bucket(args.new) or args.new <= 16
+    bucket = decode_bucket(args.new)
+    short = 2 if bucket == decode_bucket(2) else bucket // 2 + 1  # args.new's bucket: one decode compile
+    if args.new - short < 2:
+        raise SystemExit(f"--new {args.new}: use at least {short + 2} (or at most 16) to time two tokens or more")
 
     def run(n):
         out = generate(model, ids, max_new_tokens=n, temperature=0.0, stop_tokens=())
