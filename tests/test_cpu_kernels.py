@@ -20,9 +20,6 @@ from gptoss_jax.runtime import Runtime
 from helpers import checkpoint_fixtures, tiny_config
 from test_moe import dense_reference, make
 
-CPU = dict(rows_fn=cpu_kernels.experts_rows, tile_fn=cpu_kernels.expert_tile)
-
-
 def every_code(rows, groups, scale_lo, scale_hi, seed):
     """MXFP4 blocks holding every byte value, scales spread over [scale_lo, scale_hi]."""
     rng = np.random.default_rng(seed)
@@ -95,30 +92,31 @@ def test_take_rows_matches_jnp_take():
     np.testing.assert_array_equal(ours[~np.isnan(ref)], ref[~np.isnan(ref)])
 
 
+needs_native = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the XLA formulations serve")
+NATIVE = [False, pytest.param(True, marks=needs_native)]
+
+
+@pytest.mark.parametrize("native_kernel", NATIVE)
 @pytest.mark.parametrize("M,E,k,offset", [
-    (1, 8, 4, None),   # decode: fused rows
+    (1, 8, 4, None),   # decode: rows
     (40, 8, 3, None),  # tiles
     (3, 8, 2, 4),      # an expert-parallel slice (experts 4..7 held), rows
     (40, 8, 2, 4),     # the same, tiles
 ])
-def test_cpu_experts_match_dense_reference(M, E, k, offset):
+def test_cpu_experts_match_dense_reference(M, E, k, offset, native_kernel):
     cfg = tiny_config(num_local_experts=E, num_experts_per_tok=k)
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    p = make(E, D, F, seed=M + E)
+    p = make(E, cfg.hidden_size, cfg.intermediate_size, seed=M + E)
     rng = np.random.default_rng(5)
-    x = rng.normal(size=(M, D)).astype(np.float32)
+    x = rng.normal(size=(M, cfg.hidden_size)).astype(np.float32)
     idx = np.argsort(-rng.normal(size=(M, E)), axis=1)[:, :k].astype(np.int32)
     weights = rng.dirichlet(np.ones(k), size=M).astype(np.float32)
-    ref = dense_reference(x, weights, idx, p, cfg)
-    if offset is not None:  # the slice's share: rows routed to experts >= offset
-        held = {n: v[offset:] for n, v in p.items()}
-        ref = dense_reference(x, np.where(idx >= offset, weights, 0), idx, p, cfg)
-        ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, held, cfg, jnp.int32(offset),
-                                                   tile_rows=cpu_kernels.tile_rows(M * k, E - offset), **CPU))(
-            x, weights, idx)
-    else:
-        ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, p, cfg, tile_rows=cpu_kernels.tile_rows(M * k, E), **CPU))(
-            x, weights, idx)
+    held, start = (p, None) if offset is None else ({n: v[offset:] for n, v in p.items()}, jnp.int32(offset))
+    # the slice's share: rows routed to the experts it holds
+    ref = dense_reference(x, weights if offset is None else np.where(idx >= offset, weights, 0), idx, p, cfg)
+    kw = dict(rows_fn=functools.partial(cpu_kernels.experts_rows, native_kernel=native_kernel),
+              tile_fn=functools.partial(cpu_kernels.expert_tile, native_kernel=native_kernel),
+              tile_rows=cpu_kernels.tile_rows(M * k, held["w1_blocks"].shape[0]))
+    ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, held, cfg, start, **kw))(x, weights, idx)
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
@@ -202,9 +200,6 @@ def test_token_clock_reports_first_token_and_decode_rate():
     assert one.summary() == "2 prompt tokens, first token after 1.00 s; 1 token generated"
 
 
-needs_native = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the XLA formulations serve")
-
-
 @needs_native
 def test_native_mxfp4_rows_match_the_xla_formulation():
     blocks, scales = every_code(3 * 40, 4, 100, 140, seed=7)
@@ -218,26 +213,6 @@ def test_native_mxfp4_rows_match_the_xla_formulation():
     g = jax.grad(lambda x: jnp.vdot(cpu_kernels.mxfp4_rows(x, blocks, scales, e), dy))(x)
     g_ref = jax.grad(lambda x: jnp.vdot(cpu_kernels.mxfp4_matvec(x, blocks[e], scales[e]), dy))(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(g_ref).max()))
-
-
-@needs_native
-@pytest.mark.parametrize("offset", [None, 4])
-def test_native_experts_match_dense_reference(offset):
-    cfg = tiny_config(num_local_experts=8, num_experts_per_tok=2)
-    p = make(8, cfg.hidden_size, cfg.intermediate_size, seed=9)
-    rng = np.random.default_rng(10)
-    x = rng.normal(size=(3, cfg.hidden_size)).astype(np.float32)
-    idx = np.argsort(-rng.normal(size=(3, 8)), axis=1)[:, :2].astype(np.int32)
-    weights = rng.dirichlet(np.ones(2), size=3).astype(np.float32)
-    rows = functools.partial(cpu_kernels.experts_rows, native_kernel=True)
-    if offset is None:
-        ref = dense_reference(x, weights, idx, p, cfg)
-        ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, p, cfg, rows_fn=rows))(x, weights, idx)
-    else:
-        ref = dense_reference(x, np.where(idx >= offset, weights, 0), idx, p, cfg)
-        held = {n: v[offset:] for n, v in p.items()}
-        ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, held, cfg, jnp.int32(offset), rows_fn=rows))(x, weights, idx)
-    np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
 def test_native_build_failure_falls_back(tmp_path, monkeypatch, caplog):
@@ -257,17 +232,3 @@ def test_native_dequant_is_dequantize():
     blocks, scales = every_code(48, 3, 2, 252, seed=12)
     ours = jax.jit(native.mxfp4_dequant_call)(blocks, scales)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(mxfp4.dequantize(blocks, scales, jnp.bfloat16)))
-
-
-@needs_native
-def test_native_tiles_match_dense_reference():
-    cfg = tiny_config(num_local_experts=4, num_experts_per_tok=2)
-    p = make(4, cfg.hidden_size, cfg.intermediate_size, seed=13)
-    rng = np.random.default_rng(14)
-    x = rng.normal(size=(40, cfg.hidden_size)).astype(np.float32)
-    idx = np.argsort(-rng.normal(size=(40, 4)), axis=1)[:, :2].astype(np.int32)
-    weights = rng.dirichlet(np.ones(2), size=40).astype(np.float32)
-    tiles = functools.partial(cpu_kernels.expert_tile, native_kernel=True)
-    ours = jax.jit(lambda x, w, i: experts_xla(x, w, i, p, cfg, tile_fn=tiles, tile_rows=16))(x, weights, idx)
-    ref = dense_reference(x, weights, idx, p, cfg)
-    np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
