@@ -1,6 +1,8 @@
 """gptoss-jax: OpenAI's gpt-oss-20b / gpt-oss-120b in JAX and Flax NNX."""
 
-from .platforms import quiet_native_logs as _quiet_native_logs
+from .platforms import cpu_xla_flags as _cpu_xla_flags, quiet_native_logs as _quiet_native_logs
+
+_cpu_xla_flags()  # before jax starts a backend: XLA reads XLA_FLAGS then
 
 with _quiet_native_logs():  # jaxlib's CUDA modules log a line each as they load on a host without CUDA
     import jax as _jax  # noqa: F401  (first, so that the imports below find it loaded)

@@ -56,8 +56,37 @@ def _load(args):
     from .api import load_model
 
     print(f"loading {args.model} ...", file=sys.stderr)
+    t = time.perf_counter()
     # the progress bar only on a terminal: in a log it is one line of carriage returns
-    return load_model(args.model, dtype=args.dtype, kernels=args.kernels, progress=sys.stderr.isatty())
+    model = load_model(args.model, dtype=args.dtype, kernels=args.kernels, progress=sys.stderr.isatty())
+    if args.verbose:
+        print(f"loaded in {time.perf_counter() - t:.1f} s ({model.kernels} kernels, {args.dtype})", file=sys.stderr)
+    return model
+
+
+class TokenClock:
+    """When a reply's tokens arrive: `summary()` gives the prompt's time to first token (prefill,
+    and the first run's compiles) and the decode rate from the second decode step on (the first
+    one compiles the step)."""
+
+    def __init__(self, prompt_tokens: int, clock=time.perf_counter):
+        self.prompt_tokens, self.clock = prompt_tokens, clock
+        self.start, self.times = clock(), []
+
+    def tick(self):
+        self.times.append(self.clock())
+
+    def summary(self) -> str:
+        n = len(self.times)
+        if not n:
+            return f"{self.prompt_tokens} prompt tokens, no token generated"
+        line = f"{self.prompt_tokens} prompt tokens, first token after {self.times[0] - self.start:.2f} s"
+        if n >= 3:
+            rate = (n - 2) / max(self.times[-1] - self.times[1], 1e-9)
+            line += f"; {n} tokens generated, decode {rate:.2f} tokens/s"
+        else:
+            line += f"; {n} token{'s' if n > 1 else ''} generated"
+        return line
 
 
 def _check_run_args(args):
@@ -113,7 +142,9 @@ def _print_reply(model, prompt, args, *, harmony: bool, max_tokens: int | None =
         if max_tokens is not None:
             kw["max_new_tokens"] = max_tokens
         source = generate_stream(model, [prompt], **kw)
+    clock = TokenClock(len(prompt))
     for tok in source:
+        clock.tick()
         tokens.append(int(tok[0]))
         show(decoder.feed(int(tok[0])))
         if decoder.done or int(tok[0]) in stops:
@@ -122,6 +153,8 @@ def _print_reply(model, prompt, args, *, harmony: bool, max_tokens: int | None =
     if decoder.error and harmony:
         print(f"\n[the reply is not valid harmony ({decoder.error}): shown as raw text]", file=sys.stderr)
     sys.stdout.write("\n")
+    if args.verbose:
+        print(f"[{clock.summary()}]", file=sys.stderr)
     return _Reply("".join(content), tokens, list(decoder.tool_calls))
 
 
@@ -305,6 +338,7 @@ def _add_run_options(p):
     p.add_argument("--show-reasoning", action="store_true", help="also print the analysis channel")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
+    p.add_argument("--verbose", action="store_true", help="print the load time and each reply's tokens/s")
 
 
 def _cmd_finetune(args):

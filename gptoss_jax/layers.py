@@ -134,25 +134,29 @@ def _expert_tiles(e_R, E, tile):
     return order, slot, jnp.minimum(tile_expert, E - 1), tile_end[-1], NT
 
 
-def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
-    """Per-row expert outputs [R, D] (float32, before routing weights) by a scan over expert tiles:
-    each step dequantizes one expert's weights and runs both projections on its tile. Work and
-    memory follow the routed rows, never all experts densely, and the scan is differentiable."""
+def dequantized_tile(x_tD, e, p, cfg: GptOssConfig):
+    """One expert's FFN on a tile of rows: expert e's weights dequantized, then both projections:
+    float32 [t, D] (before the routing weight)."""
+    dtype = x_tD.dtype
+    w1 = mxfp4.dequantize(p["w1_blocks"][e], p["w1_scales"][e], dtype)  # [2F, D]
+    h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=jnp.float32)
+    h = swiglu(h + p["b1"][e].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
+    w2 = mxfp4.dequantize(p["w2_blocks"][e], p["w2_scales"][e], dtype)  # [D, F]
+    return jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=jnp.float32) + p["b2"][e].astype(jnp.float32)
+
+
+def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig, tile_fn=dequantized_tile, tile=MOE_TILE_ROWS):
+    """Per-row expert outputs [R, D] (float32, before routing weights) by a scan over expert tiles of
+    `tile` rows: each step runs `tile_fn` (one expert on its tile). Work and memory follow the
+    routed rows, never all experts densely, and the scan is differentiable."""
     dtype = x_MD.dtype
     D = x_MD.shape[1]
     E = p["w1_blocks"].shape[0]
-    tile = MOE_TILE_ROWS
     order, slot, tile_expert, n_tiles, NT = _expert_tiles(e_R, E, tile)
     x_pad = jnp.zeros((NT * tile, D), dtype).at[slot].set(x_MD[order // k], mode="drop")
 
     def run_tile(t):
-        e = tile_expert[t]
-        x_tD = jax.lax.dynamic_slice_in_dim(x_pad, t * tile, tile)
-        w1 = mxfp4.dequantize(p["w1_blocks"][e], p["w1_scales"][e], dtype)  # [2F, D]
-        h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=jnp.float32)
-        h = swiglu(h + p["b1"][e].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
-        w2 = mxfp4.dequantize(p["w2_blocks"][e], p["w2_scales"][e], dtype)  # [D, F]
-        return jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=jnp.float32) + p["b2"][e].astype(jnp.float32)
+        return tile_fn(jax.lax.dynamic_slice_in_dim(x_pad, t * tile, tile), tile_expert[t], p, cfg)
 
     def step(_, t):
         y = jax.lax.cond(t < n_tiles, run_tile, lambda t: jnp.zeros((tile, D), jnp.float32), t)
@@ -163,13 +167,28 @@ def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
     return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
 
 
-def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None):
+def gathered_rows(x_RD, e_R, p, cfg: GptOssConfig):
+    """Row r through expert e_R[r], before the routing weight: float32 [R, D]. The routed experts'
+    blocks are gathered and dequantized per row."""
+    dtype = x_RD.dtype
+    w1 = mxfp4.dequantize(p["w1_blocks"][e_R], p["w1_scales"][e_R], dtype)  # [R, 2F, D]
+    w2 = mxfp4.dequantize(p["w2_blocks"][e_R], p["w2_scales"][e_R], dtype)  # [R, D, F]
+    h = jnp.einsum("RD,RND->RN", x_RD, w1, preferred_element_type=jnp.float32)
+    h = swiglu(h + p["b1"][e_R].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
+    y_RD = jnp.einsum("RF,RDF->RD", h, w2, preferred_element_type=jnp.float32)
+    return y_RD + p["b2"][e_R].astype(jnp.float32)
+
+
+def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None, rows_fn=gathered_rows,
+                tile_fn=dequantized_tile, tile_rows=MOE_TILE_ROWS):
     """Dropless MoE on the XLA path: the M*k (token, expert) rows go through their experts, whose
     MXFP4 weights are dequantized inside the jit one expert at a time, then are summed back per
     token with the routing weights.
 
-    Fewer rows than experts (decode): the routed experts' blocks are gathered and dequantized per
-    row. Otherwise rows are sorted into per-expert tiles and a scan runs one tile per step.
+    Fewer rows than experts (decode): `rows_fn(x_RD, e_R, p, cfg)` evaluates each row's expert.
+    Otherwise rows are sorted into per-expert tiles and a scan runs `tile_fn(x_tD, e, p, cfg)` on one
+    tile of `tile_rows` rows per step. (The XLA:CPU formulations of `cpu_kernels` replace both on a
+    CPU backend.)
 
     Expert parallelism: `p` may hold a slice of E_local consecutive experts starting at global id
     `expert_offset` (a traced scalar is fine); rows routed elsewhere then contribute exactly zero, so
@@ -179,7 +198,6 @@ def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=No
     M, D = x_MD.shape
     k = idx_Mk.shape[1]
     E = p["w1_blocks"].shape[0]  # experts held here (all of them unless sliced)
-    alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
     e_R = idx_Mk.reshape(-1)  # R = M * k routed rows, token-major
     local_R = None
     if expert_offset is not None or E != cfg.num_local_experts:
@@ -188,15 +206,9 @@ def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=No
         e_R = jnp.where(local_R, e_R, E)  # E: a group past the last one, sorted to the end
     if M * k < E:
         e_R = jnp.minimum(e_R, E - 1)  # rows of other slices compute on any local expert, masked below
-        w1 = mxfp4.dequantize(p["w1_blocks"][e_R], p["w1_scales"][e_R], dtype)  # [R, 2F, D]
-        w2 = mxfp4.dequantize(p["w2_blocks"][e_R], p["w2_scales"][e_R], dtype)  # [R, D, F]
-        x_RD = jnp.repeat(x_MD, k, axis=0)
-        h = jnp.einsum("RD,RND->RN", x_RD, w1, preferred_element_type=jnp.float32)
-        h = swiglu(h + p["b1"][e_R].astype(jnp.float32), alpha, limit).astype(dtype)
-        y_RD = jnp.einsum("RF,RDF->RD", h, w2, preferred_element_type=jnp.float32)
-        y_RD = y_RD + p["b2"][e_R].astype(jnp.float32)
+        y_RD = rows_fn(jnp.repeat(x_MD, k, axis=0), e_R, p, cfg)
     else:
-        y_RD = _experts_tiled(x_MD, e_R, k, p, cfg)
+        y_RD = _experts_tiled(x_MD, e_R, k, p, cfg, tile_fn, tile_rows)
     if local_R is not None:
         y_RD = jnp.where(local_R[:, None], y_RD, 0.0)  # where, not *: rows past the groups are undefined
     y_MkD = y_RD.reshape(M, k, D) * weights_Mk.astype(jnp.float32)[..., None]
@@ -259,6 +271,12 @@ def lora_weight(module, name, w):
                                                                    axes=1)).astype(w.dtype)
 
 
+def einsum_dense(eq, x, w, *, n_in: int = 1, in_first: bool = True, preferred_element_type=None):
+    """A dense projection `eq` (x's `n_in` trailing axes contracted with w's leading axes if
+    `in_first`, else its trailing ones) in x's dtype: the default of `ops.XlaDense`."""
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=preferred_element_type)
+
+
 def _normal(rngs, shape, dtype, std=0.02):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -279,18 +297,19 @@ class Attention(nnx.Module):
         self.bo_D = nnx.Param(jnp.zeros((D,), param_dtype))
         self.sinks_N = nnx.Param(_normal(rngs, (N,), param_dtype))
 
-    def qkv(self, x_BTD, cos, sin):
+    def qkv(self, x_BTD, cos, sin, dense=einsum_dense):
+        """`dense`: the runtime's dense-projection op (`Runtime.dense`)."""
         dt = x_BTD.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt)) + self.bq_NH[...].astype(dt)
-        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt)) + self.bk_KH[...].astype(dt)
-        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt)) + self.bv_KH[...].astype(dt)
+        q = dense("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...]) + self.bq_NH[...].astype(dt)
+        k = dense("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...]) + self.bk_KH[...].astype(dt)
+        v = dense("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...]) + self.bv_KH[...].astype(dt)
         q, k, v = (q + lora_delta(self, "q", x_BTD), k + lora_delta(self, "k", x_BTD),
                    v + lora_delta(self, "v", x_BTD))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, o_BTNH):
+    def out(self, o_BTNH, dense=einsum_dense):
         dt = o_BTNH.dtype
-        return (jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...].astype(dt)) + self.bo_D[...].astype(dt)
+        return (dense("BTNH,NHD->BTD", o_BTNH, self.wo_NHD[...], n_in=2) + self.bo_D[...].astype(dt)
                 + lora_delta(self, "o", o_BTNH))
 
 

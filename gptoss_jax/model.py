@@ -151,12 +151,12 @@ class GptOss(nnx.Module):
         return rope_cos_sin(positions_BT, np.asarray(self._inv_freq, np.float32), self._rope_scaling)
 
     def embed(self, input_ids_BT):
-        return jnp.take(self.embed_VD[...], input_ids_BT, axis=0).astype(self.dtype)
+        return self.runtime.dense.take(self.embed_VD[...], input_ids_BT).astype(self.dtype)
 
     def unembed(self, x_BTD):
         x = rms_norm(x_BTD, self.norm[...], self.config.rms_norm_eps)
-        return jnp.einsum("BTD,VD->BTV", x, self.lm_head_VD[...].astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        return self.runtime.dense("BTD,VD->BTV", x, self.lm_head_VD[...], in_first=False,
+                                  preferred_element_type=jnp.float32)
 
     def _trunk(self, input_ids_BT, positions_BT, attend):
         """Embedding and blocks; `attend(layer, q, k, v)` supplies the attention of each layer."""
@@ -167,8 +167,8 @@ class GptOss(nnx.Module):
         for i, block in enumerate(self.blocks):
             a = block.attn
             with jax.named_scope(f"block_{i}/attention"):
-                q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin)
-                x = x + a.out(attend(i, q, k, v))
+                q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin, self.runtime.dense)
+                x = x + a.out(attend(i, q, k, v), self.runtime.dense)
             with jax.named_scope(f"block_{i}/moe"):
                 x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.runtime.moe)
         return x

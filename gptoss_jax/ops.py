@@ -42,8 +42,9 @@ from jax.sharding import Mesh, PartitionSpec as P
 from pallas_kernels import banded_attention, paged_attention
 from pallas_kernels.impl import Impl
 
+from . import cpu_kernels
 from .config import GptOssConfig
-from .layers import attention_xla, experts_pallas, experts_xla, paged_attention_xla, visible_mask
+from .layers import attention_xla, einsum_dense, experts_pallas, experts_xla, paged_attention_xla, visible_mask
 from .sharding import DEFAULT_RULES, ShardingRules, expert_axis_size
 
 
@@ -274,12 +275,24 @@ class _ExpertParallel:
 
 @dataclasses.dataclass(frozen=True)
 class XlaMoE(_ExpertParallel):
-    """`layers.experts_xla`: MXFP4 experts in checkpoint layout, dequantized inside the jit."""
+    """`layers.experts_xla`: MXFP4 experts in checkpoint layout, dequantized inside the jit.
+    `cpu_decode`: the XLA:CPU formulations of `cpu_kernels` (Runtime.create sets it on a CPU
+    backend): few routed rows (decode) read the packed blocks in place (`experts_rows`), tiles of
+    many rows dequantize one expert each (`expert_tile`); by the native kernels if `native` (built
+    and registered: `gptoss_jax.native.available()`), else by XLA fusions."""
 
+    cpu_decode: bool = False
+    native: bool = False
     name = "xla"
     kernel_layout = False
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
+        if self.cpu_decode:
+            tile = cpu_kernels.tile_rows(idx_Mk.size, p["w1_blocks"].shape[0])
+            rows = functools.partial(cpu_kernels.experts_rows, native_kernel=self.native)
+            tiles = functools.partial(cpu_kernels.expert_tile, native_kernel=self.native)
+            return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, rows_fn=rows, tile_fn=tiles,
+                               tile_rows=tile)
         return experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset)
 
 
@@ -292,6 +305,33 @@ class PallasMoE(_ExpertParallel):
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
         return experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, normal_scales=normal_scales)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense projections
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class XlaDense:
+    """The dense projections (attention q / k / v / o, lm_head): `layers.einsum_dense`, which GSPMD
+    partitions, and the embedding lookup. `cpu_rows`: products of at most that many activation rows
+    (decode) take `cpu_kernels.project` instead, which reads the bfloat16 weights as stored, and the
+    lookup gathers the table's bits (Runtime.create sets it on a CPU backend; 0 = never)."""
+
+    cpu_rows: int = 0
+
+    def take(self, table_VD, ids):
+        """Rows `ids` of an embedding table."""
+        if self.cpu_rows:
+            return cpu_kernels.take_rows(table_VD, ids)
+        return jnp.take(table_VD, ids, axis=0)
+
+    def __call__(self, eq, x, w, *, n_in: int = 1, in_first: bool = True, preferred_element_type=None):
+        if not self.cpu_rows:
+            return einsum_dense(eq, x, w, n_in=n_in, in_first=in_first, preferred_element_type=preferred_element_type)
+        out_dtype = preferred_element_type or x.dtype
+        if math.prod(x.shape[:x.ndim - n_in]) <= self.cpu_rows and cpu_kernels.supports(x, w, n_in, in_first=in_first):
+            return cpu_kernels.project(x, w, n_in, in_first=in_first).astype(out_dtype)
+        return cpu_kernels.dot(x, w, n_in, in_first=in_first).astype(out_dtype)
 
 
 OPS = {"xla": (XlaAttention, XlaMoE), "pallas": (PallasAttention, PallasMoE)}

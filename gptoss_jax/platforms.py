@@ -13,6 +13,9 @@ initialisations before jax falls back to the CPU. Three pieces keep a start to t
 - `start_jax`, which the command line calls before each command's first backend use: pins the choice,
   then loads jax's plugins through `quiet_native_logs`, a failing plugin reported in one line.
 
+`cpu_xla_flags` adds the XLA:CPU options the decode formulations of `gptoss_jax.cpu_kernels` need to
+XLA_FLAGS (`gptoss_jax/__init__.py` calls it before jax starts a backend; options the user set win).
+
 Imports nothing of jax at module level (jax is not loaded yet when `gptoss_jax/__init__.py` imports it).
 """
 
@@ -52,6 +55,20 @@ NATIVE_NOISE = (
     re.compile(r"I\d{4} [\d:. ]+\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, "
                r"GPU will not be used\."),
 )
+
+
+# XLA:CPU options (name, value), each added to XLA_FLAGS unless the user set it there (docs/cpu.md):
+# - YNNPACK for dots only: its reduction fusions take the float ops feeding a reduction and leave the
+#   rest outside (the integer MXFP4 decode), materialising it: the fused MXFP4 products of
+#   cpu_kernels then run ~10x slower;
+# - the memory-optimised scheduler: the default one starts the per-layer copies of constant buffers
+#   (a scan's output, a scatter's zeros) of every layer at once, 4.1 GB instead of 0.35 GB of
+#   temporaries for a 512-token prefill of the 20b;
+# - on AVX-512 hosts, 512-bit vectors (the fused MXFP4 decode runs 16 lanes at a time, ~1.3x).
+CPU_XLA_FLAGS = (("xla_cpu_experimental_ynn_fusion_type", "individual_dot"),
+                 ("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"))
+AVX512_XLA_FLAGS = (("xla_cpu_prefer_vector_width", "512"),)
+CPUINFO = "/proc/cpuinfo"
 
 
 # How jax logs a plugin whose initialize() raised (jax/_src/xla_bridge.py, discover_pjrt_plugins).
@@ -102,6 +119,24 @@ def choose_platforms(environ, *, dev: str = DEV, pci_devices: str = PCI_DEVICES,
     if has_gpu(dev) or has_tpu(dev, pci_devices):
         return None
     return "cpu"
+
+
+def has_avx512(cpuinfo: str = CPUINFO) -> bool:
+    """Whether the host CPU has AVX-512F (Linux's /proc/cpuinfo; False where it cannot be read)."""
+    return any(line.startswith("flags") and "avx512f" in line.split() for line in _read(cpuinfo).splitlines())
+
+
+def cpu_xla_flags(environ=None, *, cpuinfo: str = CPUINFO) -> str:
+    """Add CPU_XLA_FLAGS (and AVX512_XLA_FLAGS on such a host) to environ["XLA_FLAGS"], each unless
+    that option is already there; returns the new value. XLA reads XLA_FLAGS once, when jax starts
+    its first backend: options added later do not apply to that process."""
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    wanted = CPU_XLA_FLAGS + (AVX512_XLA_FLAGS if has_avx512(cpuinfo) else ())
+    added = [f"--{name}={value}" for name, value in wanted if f"--{name}=" not in flags]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([flags] + added if flags else added)
+    return environ.get("XLA_FLAGS", "")
 
 
 def _is_noise(line: bytes) -> bool:

@@ -22,11 +22,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import sharding as shd
-from .ops import (OPS, PAGED_OPS, PallasAttention, PallasMoE, PallasPagedAttention, XlaAttention, XlaMoE,
+from . import native, sharding as shd
+from .ops import (OPS, PAGED_OPS, PallasAttention, PallasMoE, PallasPagedAttention, XlaAttention, XlaDense, XlaMoE,
                   XlaPagedAttention)
 
 KERNEL_CHOICES = ("auto", "xla", "pallas")
+# Activation rows up to which the XLA ops use the XLA:CPU decode formulations (cpu_kernels) on a CPU
+# backend: beyond two rows a library dot that reads each weight once beats reading it per row.
+CPU_DENSE_ROWS = 2
 
 
 def resolve_kernels(kernels: str) -> str:
@@ -45,6 +48,7 @@ class Runtime:
     mesh: Mesh | None = None  # the user's mesh, as given (any axis types)
     rules: shd.ShardingRules = shd.DEFAULT_RULES
     paged_attention: XlaPagedAttention | PallasPagedAttention = XlaPagedAttention()  # the engine's paged cache
+    dense: XlaDense = XlaDense()  # the dense projections (q / k / v / o, lm_head)
 
     @classmethod
     def create(cls, kernels: str = "xla", mesh: Mesh | None = None,
@@ -58,7 +62,11 @@ class Runtime:
         attention_cls, moe_cls = OPS[kernels]
         cm = None if mesh is None else shd.compute_mesh(mesh)
         attention = attention_cls(mesh=cm, rules=rules) if attention_cls is PallasAttention else attention_cls()
-        return cls(attention=attention, moe=moe_cls(mesh=cm, rules=rules), mesh=mesh, rules=rules,
+        moe, dense = moe_cls(mesh=cm, rules=rules), XlaDense()
+        if moe_cls is XlaMoE and _platform(mesh) == "cpu":  # XLA:CPU: the decode formulations of cpu_kernels
+            moe = XlaMoE(mesh=cm, rules=rules, cpu_decode=True, native=native.available())
+            dense = XlaDense(cpu_rows=CPU_DENSE_ROWS)
+        return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense,
                    paged_attention=PAGED_OPS[kernels](mesh=cm, rules=rules))
 
     @property
@@ -123,6 +131,11 @@ class Runtime:
             with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
                 return jax.sharding.auto_axes(fn, axes=tuple(self.mesh.axis_names), out_sharding=out_specs)(*args)
         return wrapped
+
+
+def _platform(mesh: Mesh | None) -> str:
+    """The platform the model's programs run on: the mesh's devices', else the default backend."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _on_explicit_mesh(x) -> bool:
