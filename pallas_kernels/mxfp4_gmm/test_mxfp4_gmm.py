@@ -332,6 +332,12 @@ AOT_H100_CASES = [
     ("h100", 128, 16384, "down", "bfloat16", False), ("h100", 32, 16384, "gate_up", "bfloat16", True),
     ("h100", 32, 2048, "gate_up", "bfloat16", False),
 ]
+# Ampere / Ada (mma.sync bf16 from sm_80): decode and prefill of 20b. The H100 tilings spill a few
+# bytes there (sm_80 / sm_89: up to 8 bytes at 96-255 registers; none on H100).
+AOT_PRE_HOPPER_CASES = [
+    ("a100-40g", 32, 16384, "gate_up", "bfloat16", False), ("l4", 32, 8, "gate_up", "bfloat16", False),
+]
+PRE_HOPPER_SPILL_BYTES = 16
 AOT_ARGS = "target,experts,m,proj,dtype,exact"
 
 
@@ -364,6 +370,19 @@ def test_aot_h100_compile_ptx(target, experts, m, proj, dtype, exact):
   assert any("bf16" in i for i in res["mma_instructions"]), res
   assert not res["tf32_mma"], res
   assert res["hbm_temp_bytes"] < 8 << 20, res
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize(AOT_ARGS, AOT_PRE_HOPPER_CASES)
+def test_aot_pre_hopper_compile_ptx(target, experts, m, proj, dtype, exact):
+  """A100 (sm_80) and L4 (sm_89): the kernel compiles to bf16 mma.sync and assembles for the arch."""
+  if not aot.toolchain_available(target):
+    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) missing")
+  res = aot.run_subprocess(target, experts, m, proj, dtype, exact_decode=exact)
+  assert res["ptx_found"] and res["ptxas_rc"] == 0, res
+  assert res["registers"] <= 255 and res["spill_store_bytes"] <= PRE_HOPPER_SPILL_BYTES, res
+  assert res["mma_instructions"] and all(".bf16.bf16" in i and "mma.sync" in i for i in res["mma_instructions"]), res
+  assert not res["tf32_mma"] and res["hbm_temp_bytes"] < 8 << 20, res
 
 
 @pytest.mark.aot
