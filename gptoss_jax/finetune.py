@@ -312,7 +312,8 @@ def _abstract(arrays: dict[str, jax.Array]):
 
 
 def _replicate_on(model, mesh):
-    """Put every parameter not already placed on `mesh` there, replicated."""
+    """Put every array of `model` (a module or an optimizer) not already placed on `mesh` there,
+    replicated."""
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def place(x):
@@ -414,6 +415,8 @@ class Trainer:
             _replicate_on(model, mesh)
         self.wrt = make_trainable(model, cfg)
         self.optimizer = nnx.Optimizer(model, cfg.optimizer(), wrt=self.wrt)
+        if mesh is not None:  # the step count too (a restored one would otherwise sit on one device)
+            _replicate_on(self.optimizer, mesh)
         self.rng = jax.random.key(cfg.seed)
         self.step = 0  # optimizer steps done
         self.micro_step = 0
