@@ -288,28 +288,46 @@ def plan(target_name: str, model: str = "gpt-oss-20b", *, devices: int | None = 
 
 
 def largest_context(cfg, mesh, base: dict, usable: int, **kw) -> dict:
-    """The largest `max_len` (a multiple of CONTEXT_GRAIN, at most the model's context) whose plan
-    fits in `usable` bytes. Memory grows linearly with the context (the KV cache of the full-attention
-    layers, and on the XLA path the attention scores of a prefill chunk over the cache): a second
-    compile gives the slope, a third checks the answer (a fourth steps down if it does not fit)."""
-    L0, t0 = base["max_len"], base["total_bytes_per_device"]
-    L1 = L0 // 2 if L0 >= 2 * CONTEXT_GRAIN else 2 * L0
-    t1 = plan_for_mesh(cfg, mesh, max_len=L1, **kw)["total_bytes_per_device"]
-    per_token = max((t0 - t1) / (L0 - L1), 1.0)
-    fixed = t0 - per_token * L0
-    out = dict(bytes_per_token=int(round(per_token)), fixed_bytes=int(round(fixed)), compiles=2)
+    """The largest `max_len` (a multiple of CONTEXT_GRAIN, at most the model's context) whose plan was
+    compiled and fits in `usable` bytes. Each program's memory grows linearly with the context (the
+    KV cache of the full-attention layers; on the XLA path also the attention scores of a prefill
+    chunk over the cache), at its own rate: the plan's total is the largest of them. A second compile
+    gives each program's rate; the context where the first program reaches `usable` is compiled to
+    check it, and refined from the two nearest compiled points (at most three checks)."""
     limit = cfg.max_position_embeddings
-    L = min(limit, int((usable - fixed) / per_token) // CONTEXT_GRAIN * CONTEXT_GRAIN)
-    for _ in range(2):
-        if L < CONTEXT_GRAIN:
-            return dict(out, max_len=0, note=f"even {CONTEXT_GRAIN} tokens do not fit: the context-independent "
-                                             f"{fixed / GB:.2f} GB exceed the usable {usable / GB:.2f} GB")
-        total = plan_for_mesh(cfg, mesh, max_len=L, **kw)["total_bytes_per_device"]
-        out["compiles"] += 1
-        if total <= usable:
-            return dict(out, max_len=L, total_bytes_per_device=total)
-        L -= max(CONTEXT_GRAIN, -(-int((total - usable) / per_token) // CONTEXT_GRAIN) * CONTEXT_GRAIN)
-    return dict(out, max_len=0, note="no fitting context found in two steps")
+    points = {base["max_len"]: _totals(base)}  # context -> {program: total bytes}
+    L0 = base["max_len"]
+    L1 = L0 // 2 if L0 >= 2 * CONTEXT_GRAIN else 2 * L0
+    points[L1] = _totals(plan_for_mesh(cfg, mesh, max_len=L1, **kw))
+    rate = {}
+    for _ in range(3):
+        fit = sorted(L for L, t in points.items() if max(t.values()) <= usable)
+        over = sorted(L for L in points if L not in fit)
+        lo, hi = (fit[-1] if fit else 0), (over[0] if over else None)
+        if fit and over:  # interpolate between the largest fitting and the smallest failing context
+            a, b = fit[-1], over[0]
+        else:  # extrapolate from the two largest fitting (or the two smallest failing) contexts
+            a, b = (fit[-2], fit[-1]) if fit else (over[0], over[1])
+        rate = {p: (points[b][p] - points[a][p]) / (b - a) for p in points[a]}
+        # each program's context at `usable`; a program that does not grow never binds
+        reach = [(usable - points[a][p]) / r + a for p, r in rate.items() if r > 0]
+        L = min([limit, *(int(x) // CONTEXT_GRAIN * CONTEXT_GRAIN for x in reach)])
+        if hi is not None:
+            L = min(L, hi - CONTEXT_GRAIN)
+        if L <= lo or L < CONTEXT_GRAIN or L in points:
+            break
+        points[L] = _totals(plan_for_mesh(cfg, mesh, max_len=L, **kw))
+    fit = sorted(L for L, t in points.items() if max(t.values()) <= usable)
+    out = dict(bytes_per_token=int(round(max(rate.values(), default=0.0))), compiles=len(points))
+    if not fit:
+        smallest = min(points)
+        return dict(out, max_len=0, note=f"even {smallest} tokens do not fit: "
+                                         f"{max(points[smallest].values()) / GB:.2f} GB > usable {usable / GB:.2f} GB")
+    return dict(out, max_len=fit[-1], total_bytes_per_device=max(points[fit[-1]].values()))
+
+
+def _totals(plan: dict) -> dict:
+    return {name: q["total_bytes_per_device"] for name, q in plan["programs"].items()}
 
 
 def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chunk: int = 512,
@@ -493,8 +511,8 @@ def format_plan(p: dict) -> str:
                      f"(batch {p['batch']}; an upper bound, not a measurement)")
     mc = p.get("max_context")
     if mc is not None:
-        lines.append(f"largest context that fits: {mc['max_len']} tokens ({mc['bytes_per_token'] / 1e3:.1f} KB per "
-                     f"token of context){'; ' + mc['note'] if mc.get('note') else ''}")
+        lines.append(f"largest context that fits: {mc['max_len']} tokens (up to {mc['bytes_per_token'] / 1e3:.1f} KB "
+                     f"per token of context; {mc['compiles']} plans compiled){'; ' + mc['note'] if mc.get('note') else ''}")
     return "\n".join(lines)
 
 

@@ -139,30 +139,28 @@ def test_t4_has_no_triton(tiny):
 
 @pytest.mark.parametrize("kink", [0, 1])
 def test_largest_context_search(monkeypatch, kink):
-    """The search on a stand-in for the compiles: memory linear in the context (the KV cache and the
-    prefill scores), plus (kink=1) a step the two-point slope does not see, which the check compile
-    catches and the search steps down from."""
-    fixed, per_token, usable = 3_000_000_000, 150_000, 4_000_000_000
-    calls = []
+    """The search on a stand-in for the compiles: two programs whose memory grows linearly with the
+    context at different rates (decode: the KV cache; prefill: also the scores of a chunk over the
+    cache), the larger total binding; kink=1 adds a step the first two plans do not see, which the
+    check compile catches and the search refines from."""
+    usable, calls = 4_000_000_000, []
 
     def fake_plan(cfg, mesh, *, max_len, **kw):
         calls.append(max_len)
-        return {"total_bytes_per_device": fixed + per_token * max_len + (kink * 10 ** 8 if max_len > 6000 else 0)}
+        prefill = 3_000_000_000 + 60_000 * max_len + (kink * 10 ** 8 if max_len > 10_000 else 0)
+        decode = 3_400_000_000 + 25_000 * max_len
+        return {"max_len": max_len, "programs": {"prefill": {"total_bytes_per_device": prefill},
+                                                 "decode": {"total_bytes_per_device": decode}}}
 
     monkeypatch.setattr(aot, "plan_for_mesh", fake_plan)
     cfg = tiny_config(max_position_embeddings=131072)
-    base = fake_plan(cfg, None, max_len=4096) | {"max_len": 4096}
+    base = fake_plan(cfg, None, max_len=4096)
     mc = aot.largest_context(cfg, None, base, usable)
-    best = (usable - fixed) // per_token // aot.CONTEXT_GRAIN * aot.CONTEXT_GRAIN  # 6656
-    assert (mc["bytes_per_token"], mc["fixed_bytes"]) == (per_token, fixed)
-    if kink:  # 6656 does not fit once the step is added: back to the largest multiple below 6000
-        assert mc["max_len"] == 5888 and calls[-2:] == [best, 5888]
-    else:
-        assert mc["max_len"] == best and calls[-1] == best
-    assert mc["total_bytes_per_device"] <= usable and mc["compiles"] == len(calls)
-    big = aot.largest_context(cfg, None, base, 10 ** 13)  # capped by the model's context
-    assert big["max_len"] == 131072
-    none = aot.largest_context(cfg, None, base, fixed)  # nothing fits
+    # the prefill binds: 3.0e9 + 60e3 L (+1e8 past 10k) <= 4e9, in multiples of 256
+    assert mc["max_len"] == (14848 if kink else 16640) and mc["total_bytes_per_device"] <= usable
+    assert mc["compiles"] == len(calls) and calls[:2] == [4096, 2048] and len(calls) <= 5
+    assert aot.largest_context(cfg, None, base, 10 ** 13)["max_len"] == 131072  # capped by the model's context
+    none = aot.largest_context(cfg, None, base, 3 * 10 ** 9)  # not even the smallest plan fits
     assert none["max_len"] == 0 and "do not fit" in none["note"]
 
 
