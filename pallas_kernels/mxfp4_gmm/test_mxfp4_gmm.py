@@ -359,30 +359,20 @@ def test_aot_tpu_compile(target, experts, m, proj, dtype, exact):
 
 
 @pytest.mark.aot
-@pytest.mark.parametrize(AOT_ARGS, AOT_H100_CASES)
-def test_aot_h100_compile_ptx(target, experts, m, proj, dtype, exact):
-  if not aot.toolchain_available("h100"):
-    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) or the H100 target config missing")
+@pytest.mark.parametrize(AOT_ARGS, AOT_H100_CASES + AOT_PRE_HOPPER_CASES)
+def test_aot_gpu_compile_ptx(target, experts, m, proj, dtype, exact):
+  """The Triton kernel compiles for the GPU to bf16 MMA (never tf32) and assembles with ptxas for its
+  arch (sm_90a, sm_80, sm_89): registers, spills, no relayout temporaries."""
+  if not aot.toolchain_available(target):
+    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) missing")
   res = aot.run_subprocess(target, experts, m, proj, dtype, exact_decode=exact)
+  spill_limit = 0 if target == "h100" else PRE_HOPPER_SPILL_BYTES
   assert res["ptx_found"] and res["ptxas_rc"] == 0, res
-  assert res["spill_store_bytes"] == 0 and res["spill_load_bytes"] == 0, res
+  assert res["spill_store_bytes"] <= spill_limit and res["spill_load_bytes"] <= spill_limit, res
   assert res["registers"] <= 255, res
   assert any("bf16" in i for i in res["mma_instructions"]), res
   assert not res["tf32_mma"], res
   assert res["hbm_temp_bytes"] < 8 << 20, res
-
-
-@pytest.mark.aot
-@pytest.mark.parametrize(AOT_ARGS, AOT_PRE_HOPPER_CASES)
-def test_aot_pre_hopper_compile_ptx(target, experts, m, proj, dtype, exact):
-  """A100 (sm_80) and L4 (sm_89): the kernel compiles to bf16 mma.sync and assembles for the arch."""
-  if not aot.toolchain_available(target):
-    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) missing")
-  res = aot.run_subprocess(target, experts, m, proj, dtype, exact_decode=exact)
-  assert res["ptx_found"] and res["ptxas_rc"] == 0, res
-  assert res["registers"] <= 255 and res["spill_store_bytes"] <= PRE_HOPPER_SPILL_BYTES, res
-  assert res["mma_instructions"] and all(".bf16.bf16" in i and "mma.sync" in i for i in res["mma_instructions"]), res
-  assert not res["tf32_mma"] and res["hbm_temp_bytes"] < 8 << 20, res
 
 
 @pytest.mark.aot
