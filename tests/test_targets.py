@@ -212,3 +212,30 @@ def test_cli_finetune_json(tiny):
     assert last["program"] == "finetune" and last["lora_rank"] == 2 and last["dtype"] == "float16"
     assert "LoRA rank 2" in r.stdout and "-> fits" in r.stdout
     assert np.isclose(last["gpu_mem_fraction"], aot.GPU_MEM_FRACTION)
+
+
+def test_runtimes_detect_and_settings():
+    """gptoss_jax.runtimes: the device kinds JAX reports on each runtime map to their plans; the plans
+    pick what load_model's "auto" picks there; the memory fraction is set only when unset."""
+    import types
+
+    from gptoss_jax import runtimes
+
+    kinds = {("gpu", "Tesla T4"): "t4", ("gpu", "NVIDIA L4"): "l4", ("gpu", "NVIDIA A100-SXM4-40GB"): "a100-40g",
+             ("gpu", "NVIDIA A100-SXM4-80GB"): "a100-80g", ("gpu", "NVIDIA A100 80GB PCIe"): "a100-80g",
+             ("gpu", "NVIDIA H100 80GB HBM3"): "h100", ("tpu", "TPU v5 lite"): "tpu-v5e",
+             ("tpu", "TPU v6 lite"): "tpu-v6e", ("gpu", "NVIDIA L40S"): None, ("tpu", "TPU v4"): None}
+    for (platform, kind), name in kinds.items():
+        assert runtimes.target_of(types.SimpleNamespace(platform=platform, device_kind=kind)) == name, kind
+    for name, plan in runtimes.PLANS.items():
+        kernels, dtype, _ = AUTO.get(name, ("pallas", "bfloat16", None))
+        assert (plan.kernels, plan.dtype) == (kernels, dtype) and name in aot.TARGETS, name
+        assert plan.max_len is not None and plan.max_len % aot.CONTEXT_GRAIN == 0
+    assert runtimes.PLANS["t4"].finetune is None  # 20b LoRA does not fit a T4 (see the README table)
+    cpu = runtimes.detect(jax.devices("cpu")[0])
+    assert cpu.name == "cpu" and cpu.max_len is None and "runtime: CPU (cpu)" in cpu.describe()
+    assert "does not fit" in runtimes.PLANS["t4"].describe() and "8192" in runtimes.PLANS["t4"].describe()
+    env = {}
+    assert runtimes.use_planned_memory_fraction(env) == str(aot.GPU_MEM_FRACTION) == env[runtimes.MEM_FRACTION_VAR]
+    env = {runtimes.MEM_FRACTION_VAR: ".8"}
+    assert runtimes.use_planned_memory_fraction(env) == ".8"  # the user's choice stands
