@@ -214,6 +214,16 @@ def test_decode_chunk_several_q_blocks():
   _close(decode_attention(*args, window=16, impl="triton_interpret"), expect)
 
 
+@pytest.mark.parametrize("window,S_cache", [(16, 16), (None, 96)])
+def test_decode_chunk_several_q_blocks_mosaic(window, S_cache):
+  # T*G = 280 query rows > DECODE_BLOCK_ROWS = 256: the Mosaic decode kernel tiles the new tokens
+  # over a q grid axis (2 blocks of 32 tokens, the last one padded), each with its own positions
+  from pallas_kernels.banded_attention import tpu as tpu_kernels
+  assert 35 * 8 > tpu_kernels.DECODE_BLOCK_ROWS
+  args, expect = _decode_case(2, S_cache, window, 35, [9, 45], G=8, K=1, H=16)
+  _close(decode_attention(*args, window=window, impl="mosaic_interpret"), expect)
+
+
 @pytest.mark.parametrize("impl", ["triton_interpret", "mosaic_interpret"])
 def test_decode_bf16_gqa8_neginf_sink(impl):
   args, expect = _decode_case(2, 32, 32, 1, [10, 75], G=8, dtype=jnp.bfloat16, sink="mixed")
@@ -382,6 +392,11 @@ def _aot_cases(impl):
                   [((1, 1, N_Q, HD), bf), ((1, 1, N_KV, HD), bf), ((1, 1, N_KV, HD), bf),
                    ((1, sc, N_KV, HD), bf), ((1, sc, N_KV, HD), bf), ((N_Q,), jnp.float32),
                    ((1,), jnp.int32)]))
+  # a prefill chunk of 512 tokens into an 8k cache (prefill_step): 4096 query rows per kv head
+  cases.append(("decode_chunk512_S8192", lambda q, kn, vn, kc, vc, s, cl: decode_attention(
+      q, kn, vn, kc, vc, s, cl, impl=impl),
+      [((1, 512, N_Q, HD), bf), ((1, 512, N_KV, HD), bf), ((1, 512, N_KV, HD), bf),
+       ((1, 8192, N_KV, HD), bf), ((1, 8192, N_KV, HD), bf), ((N_Q,), jnp.float32), ((1,), jnp.int32)]))
   if impl == "triton":  # backward kernels (dk/dv and dq) through the custom_vjp
     def grad_fn(q, k, v, s):
       return jax.grad(lambda *a: jnp.sum(attention(*a, window=128, impl=impl).astype(
