@@ -203,13 +203,33 @@ def _fit(target: Target, total: int, mem_fraction: float) -> dict:
     return out
 
 
-def _program(compiled, t0: float) -> dict:
-    """A compiled program's record: memory (`_mem`), the custom calls it runs (the kernels: Triton,
-    Mosaic, cuBLAS) and the compile time."""
+def _program(lowered, args, t0: float) -> dict:
+    """Compile `lowered` (whose arguments are the ShapeDtypeStructs `args`); the program's record:
+    memory (`_mem`), the custom calls it runs (the kernels: Triton, Mosaic, cuBLAS), the compile time.
+    A compiler that refuses a program larger than the device (the TPU compiler does) gives a record
+    of the arguments and the temporaries it reports, with `compile_error`: the plan does not fit."""
     import re
 
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # jax.errors.JaxRuntimeError, whose message says why
+        msg = " ".join(str(e).split())
+        need = re.search(r"HLO temporaries \(([\d.]+)([KMG])\)", msg)
+        if "RESOURCE_EXHAUSTED" not in msg or need is None:
+            raise
+        temp = int(float(need.group(1)) * 2 ** (10 * "KMG".index(need.group(2)) + 10))
+        arg = sum(_shard_bytes(a.shape, a.dtype.itemsize, a.sharding) for a in _leaves(args))
+        return dict(argument_bytes=arg, output_bytes=0, alias_bytes=0, temp_bytes=temp, code_bytes=0,
+                    total_bytes_per_device=arg + temp, custom_calls=[], compile_error=msg[:300],
+                    compile_seconds=round(time.perf_counter() - t0, 1))
     calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text() or "")))
     return dict(_mem(compiled), custom_calls=calls, compile_seconds=round(time.perf_counter() - t0, 1))
+
+
+def _leaves(tree):
+    import jax
+
+    return [x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)]
 
 
 def _mem(compiled) -> dict:
@@ -367,23 +387,25 @@ def plan_for_mesh(cfg, mesh, *, batch: int = 1, max_len: int = 8192, prefill_chu
     for prog in programs:
         t = time.perf_counter()
         if prog == "prefill":
-            lowered = prefill_step.lower(graphdef, state, sds((batch, chunk), jnp.int32, bspec2), cache,
-                                         sds((batch,), jnp.int32, bspec1), sds((batch,), jnp.int32, bspec1))
+            args = (state, sds((batch, chunk), jnp.int32, bspec2), cache, sds((batch,), jnp.int32, bspec1),
+                    sds((batch,), jnp.int32, bspec1))
+            lowered = prefill_step.lower(graphdef, *args)
         elif prog == "decode":
             s0 = jax.eval_shape(lambda: SamplingState.create(batch, temperature=0.0, top_p=1.0, top_k=None, seed=0,
                                                              stop_tokens=(0,), pad_id=0))
             s = jax.tree.map(lambda a: sds(a.shape, a.dtype, shd.batch_spec(batch, mesh, rules, a.ndim) if a.ndim
                                            and a.shape[0] == batch else jax.sharding.PartitionSpec()), s0)
-            lowered = decode_step.lower(graphdef, state, cache, sds((batch,), jnp.int32, bspec1),
-                                        sds((batch,), jnp.bool_, bspec1), s,
-                                        sds((), jnp.int32, jax.sharding.PartitionSpec()))
+            args = (state, cache, sds((batch,), jnp.int32, bspec1), sds((batch,), jnp.bool_, bspec1), s,
+                    sds((), jnp.int32, jax.sharding.PartitionSpec()))
+            lowered = decode_step.lower(graphdef, *args)
         elif prog == "engine_decode":
             from .engine import lower_decode
 
+            args = (state, cache)  # and the slot state: small
             lowered = lower_decode(m, batch if max_seqs is None else max_seqs, max_len)
         else:
             raise ValueError(f"unknown program {prog!r}")
-        out["programs"][prog] = _program(lowered.compile(), t)
+        out["programs"][prog] = _program(lowered, args, t)
     progs = out["programs"].values()
     out.update(argument_bytes=max(p["argument_bytes"] for p in progs), temp_bytes=max(p["temp_bytes"] for p in progs),
                total_bytes_per_device=max(p["total_bytes_per_device"] for p in progs),
@@ -471,7 +493,7 @@ def finetune_plan_for_mesh(cfg, mesh, fcfg, *, kernels: str = "xla", dtype: str 
         return loss, nnx.state(m, wrt), nnx.state(opt)
 
     t = time.perf_counter()
-    prog = _program(jax.jit(step).lower(state, ids, mask).compile(), t)
+    prog = _program(jax.jit(step).lower(state, ids, mask), (state, ids, mask), t)
     n_train = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(pair[0], wrt)))
     return dict(kernels=kernels, dtype=str(jnp.dtype(dtype)), mesh={a: int(mesh.shape.get(a, 1)) for a in shd.AXES},
                 devices=int(mesh.size), device_kind=str(mesh.devices.flat[0].device_kind),
@@ -498,6 +520,8 @@ def format_plan(p: dict) -> str:
         lines.append(f"{name:<14}{g(q['argument_bytes']):>12}{g(q['temp_bytes']):>12}"
                      f"{g(q['output_bytes'] - q['alias_bytes']):>14}{g(q['total_bytes_per_device']):>12}"
                      f"{q['compile_seconds']:>9.1f}s")
+        if "compile_error" in q:
+            lines.append(f"  {name}: the compiler refused it (larger than the device): {q['compile_error'][:160]}")
     reserve = (f"XLA_PYTHON_CLIENT_MEM_FRACTION={p['gpu_mem_fraction']}" if "gpu_mem_fraction" in p
                else "the TPU runtime's")
     lines.append(f"per device: total {g(p['total_bytes_per_device'])} of {g(p['usable_bytes'])} usable "
