@@ -43,6 +43,8 @@ PLANS = {
                         "--seq-len", "2048"],
     "ft-20b-v5e1": ["--target", "tpu-v5e", "--model", "gpt-oss-20b", "--program", "finetune", "--seq-len", "1024",
                     "--remat"],
+    "ft-20b-v6e1": ["--target", "tpu-v6e", "--model", "gpt-oss-20b", "--program", "finetune", "--seq-len", "1024",
+                    "--remat"],
     "ft-20b-full-h100": ["--target", "h100", "--model", "gpt-oss-20b", "--program", "finetune", "--seq-len", "1024",
                          "--lora-rank", "0", "--remat"],
     "ft-120b-8xh100": ["--target", "h100", "--model", "gpt-oss-120b", "--program", "finetune", "--mesh",
