@@ -34,6 +34,7 @@ and transformers load it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -212,10 +213,11 @@ class Dataset:
 def loss_fn(model, ids_BL, mask_BL, remat: bool = False):
     """Mean next-token cross-entropy over the target tokens whose mask is set (in the model's
     sharding regime, so any mesh works). `remat`: recompute each block in the backward pass."""
-    return model.within_runtime(_masked_nll, jax.sharding.PartitionSpec(), ids_BL, mask_BL, remat)
+    nll = functools.partial(_masked_nll, remat=remat)  # static: not an argument of the sharding region
+    return model.within_runtime(nll, jax.sharding.PartitionSpec(), ids_BL, mask_BL)
 
 
-def _masked_nll(model, ids_BL, mask_BL, remat):
+def _masked_nll(model, ids_BL, mask_BL, *, remat: bool):
     logits = model.forward(ids_BL[:, :-1], remat=remat)  # float32 [B, L-1, V]
     targets, m = ids_BL[:, 1:], mask_BL[:, 1:].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)

@@ -239,3 +239,31 @@ def test_runtimes_detect_and_settings():
     assert runtimes.use_planned_memory_fraction(env) == str(aot.GPU_MEM_FRACTION) == env[runtimes.MEM_FRACTION_VAR]
     env = {runtimes.MEM_FRACTION_VAR: ".8"}
     assert runtimes.use_planned_memory_fraction(env) == ".8"  # the user's choice stands
+
+
+def test_a_program_the_compiler_refuses_is_a_plan_that_does_not_fit():
+    """The TPU compiler refuses a program larger than HBM: the plan records the arguments and the
+    temporaries it reports (and fits=False follows); any other compile error is raised."""
+    import time
+
+    import jax.numpy as jnp
+
+    class Lowered:
+        def __init__(self, msg):
+            self.msg = msg
+
+        def compile(self):
+            raise RuntimeError(self.msg)
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    args = (jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=sharding),)
+    refused = Lowered("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                      "temporaries (27.18G) exceeds available HBM (15.75G).")
+    rec = aot._program(refused, args, time.perf_counter())
+    assert rec["temp_bytes"] == int(27.18 * 2 ** 30) and rec["argument_bytes"] == 2 * 2 ** 20
+    assert rec["total_bytes_per_device"] == rec["argument_bytes"] + rec["temp_bytes"]
+    assert "RESOURCE_EXHAUSTED" in rec["compile_error"]
+    p = {"total_bytes_per_device": rec["total_bytes_per_device"]}
+    assert not aot._fit(aot.TARGETS["tpu-v5e"], p["total_bytes_per_device"], aot.GPU_MEM_FRACTION)["fits"]
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        aot._program(Lowered("INVALID_ARGUMENT: something else"), args, time.perf_counter())
