@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import mxfp4, mxfp4_gmm
+from pallas_kernels.scheduling import zeros_after
 
 from .config import GptOssConfig
 
@@ -125,14 +126,6 @@ def _expert_tiles(e_R, E, tile):
     return order, slot, jnp.minimum(tile_expert, E - 1), tile_end[-1], NT
 
 
-def _zeros_after(anchor, *shapes_dtypes):
-    """Zero arrays that cannot be created before `anchor` exists. Without this XLA:GPU merges the
-    constant zero initialisers of every layer's buffers into one fusion at the program's start, so
-    all layers' buffers are live at once (gpt-oss-20b prefill on the XLA path: 24 x 130 MB)."""
-    zeros = tuple(jnp.zeros(shape, dtype) for shape, dtype in shapes_dtypes)
-    return jax.lax.optimization_barrier((anchor, zeros))[1]
-
-
 def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
     """Per-row expert outputs [R, D] (float32, before routing weights) by a scan over expert tiles:
     each step dequantizes one expert's weights and runs both projections on its tile. Work and
@@ -142,7 +135,7 @@ def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
     E = p["w1_blocks"].shape[0]
     tile = MOE_TILE_ROWS
     order, slot, tile_expert, n_tiles, NT = _expert_tiles(e_R, E, tile)
-    x0, y0 = _zeros_after(x_MD, ((NT * tile, D), dtype), ((NT * tile, D), jnp.float32))
+    x0, y0 = zeros_after(x_MD, ((NT * tile, D), dtype), ((NT * tile, D), jnp.float32))
     x_pad = x0.at[slot].set(x_MD[order // k], mode="drop")
 
     acc = matmul_dtype(dtype)
@@ -163,7 +156,7 @@ def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig):
 
     y_pad, _ = jax.lax.scan(step, y0, jnp.arange(NT, dtype=jnp.int32))
     y_sorted = y_pad.at[slot].get(mode="fill", fill_value=0.0)
-    (out0,) = _zeros_after(y_sorted, (y_sorted.shape, y_sorted.dtype))
+    (out0,) = zeros_after(y_sorted, (y_sorted.shape, y_sorted.dtype))
     return out0.at[order].set(y_sorted)
 
 
