@@ -313,37 +313,58 @@ def largest_context(cfg, mesh, base: dict, usable: int, **kw) -> dict:
     KV cache of the full-attention layers; on the XLA path also the attention scores of a prefill
     chunk over the cache), at its own rate: the plan's total is the largest of them. A second compile
     gives each program's rate; the context where the first program reaches `usable` is compiled to
-    check it, and refined from the two nearest compiled points (at most three checks)."""
+    check it, and refined from the two nearest compiled points (at most three checks). A context the
+    compiler refuses for another memory (a kernel's on-chip scratch) counts as not fitting; the search
+    then halves the interval above the largest fitting context."""
     limit = cfg.max_position_embeddings
     points = {base["max_len"]: _totals(base)}  # context -> {program: total bytes}
+    failed = {}  # context -> the compiler's reason
     L0 = base["max_len"]
     L1 = L0 // 2 if L0 >= 2 * CONTEXT_GRAIN else 2 * L0
-    points[L1] = _totals(plan_for_mesh(cfg, mesh, max_len=L1, **kw))
+
+    def compile_at(L):
+        try:
+            points[L] = _totals(plan_for_mesh(cfg, mesh, max_len=L, **kw))
+        except Exception as e:  # jax.errors.JaxRuntimeError
+            msg = " ".join(str(e).split())
+            if "RESOURCE_EXHAUSTED" not in msg:
+                raise
+            failed[L] = msg[:300]
+
+    compile_at(L1)
     rate = {}
     for _ in range(3):
         fit = sorted(L for L, t in points.items() if max(t.values()) <= usable)
         over = sorted(L for L in points if L not in fit)
-        lo, hi = (fit[-1] if fit else 0), (over[0] if over else None)
+        lo = fit[-1] if fit else 0
+        hi = min(over + sorted(failed), default=None)
         if fit and over:  # interpolate between the largest fitting and the smallest failing context
             a, b = fit[-1], over[0]
-        else:  # extrapolate from the two largest fitting (or the two smallest failing) contexts
-            a, b = (fit[-2], fit[-1]) if fit else (over[0], over[1])
+        elif len(fit) >= 2 or len(over) >= 2:  # extrapolate from two fitting (or two failing) contexts
+            a, b = (fit[-2], fit[-1]) if len(fit) >= 2 else (over[0], over[1])
+        else:
+            break
         rate = {p: (points[b][p] - points[a][p]) / (b - a) for p in points[a]}
         # each program's context at `usable`; a program that does not grow never binds
         reach = [(usable - points[a][p]) / r + a for p, r in rate.items() if r > 0]
         L = min([limit, *(int(x) // CONTEXT_GRAIN * CONTEXT_GRAIN for x in reach)])
+        if hi is not None and hi in failed:  # refused, not over: no rate says where; bisect
+            L = min(L, (lo + hi) // 2 // CONTEXT_GRAIN * CONTEXT_GRAIN)
         if hi is not None:
             L = min(L, hi - CONTEXT_GRAIN)
         if L <= lo or L < CONTEXT_GRAIN or L in points:
             break
-        points[L] = _totals(plan_for_mesh(cfg, mesh, max_len=L, **kw))
+        compile_at(L)
     fit = sorted(L for L, t in points.items() if max(t.values()) <= usable)
-    out = dict(bytes_per_token=int(round(max(rate.values(), default=0.0))), compiles=len(points))
+    out = dict(bytes_per_token=int(round(max(rate.values(), default=0.0))), compiles=len(points) + len(failed))
+    if failed:
+        out["refused"] = {str(L): why for L, why in sorted(failed.items())}
     if not fit:
         smallest = min(points)
         return dict(out, max_len=0, note=f"even {smallest} tokens do not fit: "
                                          f"{max(points[smallest].values()) / GB:.2f} GB > usable {usable / GB:.2f} GB")
-    return dict(out, max_len=fit[-1], total_bytes_per_device=max(points[fit[-1]].values()))
+    note = {} if not failed else {"note": f"the compiler refused {min(failed)} tokens ({failed[min(failed)][:120]})"}
+    return dict(out, max_len=fit[-1], total_bytes_per_device=max(points[fit[-1]].values()), **note)
 
 
 def _totals(plan: dict) -> dict:

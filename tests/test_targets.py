@@ -164,6 +164,26 @@ def test_largest_context_search(monkeypatch, kink):
     assert none["max_len"] == 0 and "do not fit" in none["note"]
 
 
+def test_largest_context_search_past_a_refused_compile(monkeypatch):
+    """A context the compiler refuses (a kernel's scratch memory, not the HBM total) does not fit:
+    the search bisects below it and reports it."""
+    calls = []
+
+    def fake_plan(cfg, mesh, *, max_len, **kw):
+        calls.append(max_len)
+        if max_len > 20_000:
+            raise RuntimeError("RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: Ran out of memory in vmem")
+        return {"max_len": max_len, "programs": {"decode": {"total_bytes_per_device": 10 ** 9 + 1000 * max_len}}}
+
+    monkeypatch.setattr(aot, "plan_for_mesh", fake_plan)
+    cfg = tiny_config(max_position_embeddings=131072)
+    mc = aot.largest_context(cfg, None, fake_plan(cfg, None, max_len=4096), 2 * 10 ** 9)
+    # linear reach: 10**6 tokens, capped at 131072: refused; then bisection 67584 (refused), 35840 (refused)
+    assert calls[1:] == [2048, 131072, 67584, 35840]
+    assert mc["max_len"] == 4096 and set(mc["refused"]) == {"131072", "67584", "35840"}
+    assert "refused 35840 tokens" in mc["note"] and mc["compiles"] == 5
+
+
 @pytest.mark.aot
 def test_finetune_plans(tiny):
     """LoRA on one L4 (the Triton attention backward kernels), with and without remat; full
