@@ -187,7 +187,7 @@ def test_largest_context_search_past_a_refused_compile(monkeypatch):
 @pytest.mark.aot
 def test_finetune_plans(tiny):
     """LoRA on one L4 (the Triton attention backward kernels), with and without remat; full
-    fine-tuning of the dense weights on four TPU v5e chips, expert + data parallel."""
+    fine-tuning of the dense weights on four H100s, expert + data parallel."""
     cfg = tiny_config()
     D, N, K, H, L = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                      cfg.num_hidden_layers)
@@ -205,7 +205,7 @@ def test_finetune_plans(tiny):
         assert p["programs"]["train_step"]["output_bytes"] >= 3 * 4 * lora_params
     assert plans[True]["temp_bytes"] < plans[False]["temp_bytes"]
 
-    full = aot.plan_finetune("tpu-v5e", tiny, mesh_shape={"data": 2, "expert": 2}, batch_size=2, seq_len=64,
+    full = aot.plan_finetune("h100", tiny, mesh_shape={"data": 2, "expert": 2}, batch_size=2, seq_len=64,
                              lora_rank=0, remat=True)
     print(aot.format_plan(full))
     assert full["mesh"] == {"data": 2, "expert": 2, "model": 1} and full["devices"] == 4
@@ -213,7 +213,7 @@ def test_finetune_plans(tiny):
     assert full["kernels"] == "pallas" and full["fits"]
     # float32 master weights and two float32 moments of the dense parameters (replicated here)
     assert full["argument_bytes"] >= 3 * 4 * dense
-    _check_fit(full, "tpu-v5e")
+    _check_fit(full, "h100")
     with pytest.raises(ValueError, match="not a multiple of the data axis"):
         aot.plan_finetune("h100", tiny, mesh_shape={"data": 2}, batch_size=3, seq_len=64)
 
