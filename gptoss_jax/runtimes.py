@@ -62,20 +62,24 @@ class RuntimePlan:
         return "\n".join(lines)
 
 
-# From benchmarks/deployment_plans.py (gpt-oss-20b, batch 1; the README's tables). The context is the
-# largest multiple of 256 whose plan fits, capped at 8192 here: enough for a chat, and a plan exists.
+# From benchmarks/deployment_plans.py (gpt-oss-20b, batch 1; the README's tables): the context is capped at
+# 8192 here (a chat's worth, with headroom) where the plan's largest is more; decode bounds at an 8k context.
 PLANS = {
     "t4": RuntimePlan("t4", "Tesla T4", "float16", "xla", 128, 8192, 82, None,
-                      "T4: no bf16 tensor cores and no Triton (sm_75): float16 compute, XLA kernels; 8192 tokens "
-                      "fit with prefill chunks of 128 (5888 with chunks of 512)"),
-    "l4": RuntimePlan("l4", "NVIDIA L4", "bfloat16", "pallas", 512, 8192, 77, Finetune(1024, remat=True)),
-    "a100-40g": RuntimePlan("a100-40g", "NVIDIA A100-SXM4-40GB", "bfloat16", "pallas", 512, 8192, 393,
+                      "T4: no bf16 tensor cores and no Triton (sm_75): float16 compute, XLA kernels; with prefill "
+                      "chunks of 128 up to 19968 tokens fit (5888 with chunks of 512); 13.97 GB of weights and "
+                      "cache leave too little for a LoRA step"),
+    "l4": RuntimePlan("l4", "NVIDIA L4", "bfloat16", "pallas", 512, 8192, 76, Finetune(1024, remat=True)),
+    "a100-40g": RuntimePlan("a100-40g", "NVIDIA A100-SXM4-40GB", "bfloat16", "pallas", 512, 8192, 395,
                             Finetune(2048)),
-    "a100-80g": RuntimePlan("a100-80g", "NVIDIA A100-SXM4-80GB", "bfloat16", "pallas", 512, 8192, 516,
+    # the 40 GB A100's LoRA plan, with twice the memory
+    "a100-80g": RuntimePlan("a100-80g", "NVIDIA A100-SXM4-80GB", "bfloat16", "pallas", 512, 8192, 517,
                             Finetune(2048)),
-    "h100": RuntimePlan("h100", "NVIDIA H100 80GB HBM3", "bfloat16", "pallas", 512, 8192, 856, Finetune(2048)),
-    "tpu-v5e": RuntimePlan("tpu-v5e", "TPU v5 lite", "bfloat16", "pallas", 512, 8192, 209, Finetune(1024, remat=True)),
-    "tpu-v6e": RuntimePlan("tpu-v6e", "TPU v6 lite", "bfloat16", "pallas", 512, 8192, 419, Finetune(2048)),
+    "h100": RuntimePlan("h100", "NVIDIA H100 80GB HBM3", "bfloat16", "pallas", 512, 8192, 851, Finetune(2048)),
+    "tpu-v5e": RuntimePlan("tpu-v5e", "TPU v5 lite", "bfloat16", "pallas", 512, 8192, 208, None,
+                           "TPU v5e-1: the LoRA step's temporaries (20.4 GB at 1024 tokens) do not fit beside the "
+                           "14 GB of weights in 16 GiB; a v6e-1 (32 GiB) trains it"),
+    "tpu-v6e": RuntimePlan("tpu-v6e", "TPU v6 lite", "bfloat16", "pallas", 512, 8192, 416, Finetune(1024, remat=True)),
 }
 CPU = RuntimePlan("cpu", "CPU", "bfloat16", "xla", 512, note="CPU: for tests and tiny checkpoints; gpt-oss-20b "
                                                               "wants a GPU or TPU runtime")
