@@ -5,19 +5,21 @@ from __future__ import annotations
 from . import checkpoint as ckpt
 from .config import GenerationDefaults, load_config
 from .model import GptOss, abstract_model
-from .runtime import Runtime
+from .runtime import Runtime, resolve_dtype, target_device
 
 
-
-def load_model(path_or_repo_id: str, *, dtype: str = "bfloat16", mesh=None, kernels: str = "auto",
+def load_model(path_or_repo_id: str, *, dtype: str = "auto", mesh=None, kernels: str = "auto",
                progress: bool = True, rules=None) -> GptOss:
     """Load gpt-oss from a Hugging Face folder, an `original/` folder, a folder converted by
     `gptoss-jax convert`, or a Hugging Face repo id (downloads the safetensors only).
 
-    `dtype` is the compute dtype ("bfloat16" or "float32"); parameters keep the checkpoint dtypes
-    with the MXFP4 experts packed. `kernels`: "xla", "pallas" (the Pallas MXFP4 grouped matmul and
-    banded attention; the experts are re-laid once for the kernel, same bytes) or "auto" (Pallas on
-    GPU / TPU, XLA elsewhere; on CPU "pallas" runs the kernels in interpret mode, for tests).
+    `dtype` is the compute dtype ("bfloat16", "float16", "float32", or "auto": what the device runs
+    natively, `runtime.resolve_dtype`: float16 on GPUs without bf16 MMA such as the T4, bfloat16
+    elsewhere); parameters keep the checkpoint dtypes with the MXFP4 experts packed (float16 compute
+    holds the dense ones in float16). `kernels`: "xla", "pallas" (the Pallas MXFP4 grouped matmul and
+    banded attention; the experts are re-laid once for the kernel, same bytes) or "auto" (what runs
+    on the device, `runtime.resolve_kernels`: Pallas on TPU and on GPUs from sm_80, XLA on older
+    GPUs and on CPU; on CPU "pallas" runs the kernels in interpret mode, for tests).
 
     `mesh`: any `jax.sharding.Mesh` (from `jax.make_mesh`, Explicit axes, or `jax.sharding.Mesh` /
     `gptoss_jax.sharding.make_mesh`, Auto axes) with axes among ("data", "expert", "model");
@@ -26,6 +28,7 @@ def load_model(path_or_repo_id: str, *, dtype: str = "bfloat16", mesh=None, kern
     `jax.distributed.initialize` first and pass the global mesh.
     """
     runtime = Runtime.create(kernels, mesh, rules)
+    dtype = resolve_dtype(dtype, target_device(mesh))
     path = ckpt.resolve(path_or_repo_id)
     layout = ckpt.detect_layout(path)
     cfg = load_config(path)

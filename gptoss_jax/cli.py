@@ -9,6 +9,7 @@ import sys
 import time
 
 from .platforms import start_jax
+from .runtime import DTYPE_CHOICES, KERNEL_CHOICES
 
 
 def _cmd_convert(args):
@@ -336,8 +337,9 @@ def _add_run_options(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
     p.add_argument("--show-reasoning", action="store_true", help="also print the analysis channel")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype (auto: what the device runs natively, float16 on a T4)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
     p.add_argument("--verbose", action="store_true", help="print the load time and each reply's tokens/s")
 
 
@@ -349,8 +351,13 @@ def _cmd_finetune(args):
                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip_norm=args.clip_norm,
                          grad_accum=args.grad_accum, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                          lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else DEFAULT_TARGETS,
-                         seed=args.seed, save_every=args.save_every, keep=args.keep,
+                         remat=args.remat, seed=args.seed, save_every=args.save_every, keep=args.keep,
                          reasoning_effort=args.reasoning_effort)
+    mesh = None
+    if args.mesh:  # as `gptoss-jax aot --mesh` plans it: experts over `expert`, the batch over `data`
+        from .sharding import make_mesh, parse_mesh
+
+        mesh = make_mesh(**parse_mesh(args.mesh))
 
     def log(step, loss):
         if args.log_every and (step % args.log_every == 0 or step == cfg.steps):
@@ -358,8 +365,9 @@ def _cmd_finetune(args):
 
     t = time.perf_counter()
     res = finetune(args.model, args.data, cfg, out_dir=args.out, resume=args.resume, dtype=args.dtype,
-                   kernels=args.kernels, progress=not args.quiet, log=log)
-    summary = {**res.summary(), "seconds": round(time.perf_counter() - t, 2)}
+                   kernels=args.kernels, mesh=mesh, progress=not args.quiet, log=log)
+    summary = {**res.summary(), "seconds": round(time.perf_counter() - t, 2),
+               "mesh": None if mesh is None else {a: int(n) for a, n in mesh.shape.items()}}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -384,14 +392,20 @@ def _add_finetune_parser(sub):
     f.add_argument("--batch-size", type=int, default=1)
     f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     f.add_argument("--seq-len", type=int, default=1024)
+    f.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (less "
+                                                        "activation memory; `gptoss-jax aot --program finetune` "
+                                                        "says when it is needed)")
+    f.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (batch over data, experts over expert; "
+                                  "default: one device)")
     f.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
     f.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium",
                    help="system message of examples that do not set their own")
-    f.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
-    f.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
+    f.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype (auto: what the device runs natively, float16 on a T4)")
+    f.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
     f.add_argument("--log-every", type=int, default=10, help="print the loss every N steps (0: never)")
     f.add_argument("--json", action="store_true", help="end with one JSON line: first_loss, last_loss, steps, ...")
     f.add_argument("--quiet", action="store_true", help="no progress bars")

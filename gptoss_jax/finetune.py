@@ -34,6 +34,7 @@ and transformers load it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -209,14 +210,15 @@ class Dataset:
 # ---------------------------------------------------------------------------------------------
 # Loss and optimizer
 # ---------------------------------------------------------------------------------------------
-def loss_fn(model, ids_BL, mask_BL):
+def loss_fn(model, ids_BL, mask_BL, remat: bool = False):
     """Mean next-token cross-entropy over the target tokens whose mask is set (in the model's
-    sharding regime, so any mesh works)."""
-    return model.within_runtime(_masked_nll, jax.sharding.PartitionSpec(), ids_BL, mask_BL)
+    sharding regime, so any mesh works). `remat`: recompute each block in the backward pass."""
+    nll = functools.partial(_masked_nll, remat=remat)  # static: not an argument of the sharding region
+    return model.within_runtime(nll, jax.sharding.PartitionSpec(), ids_BL, mask_BL)
 
 
-def _masked_nll(model, ids_BL, mask_BL):
-    logits = model.forward(ids_BL[:, :-1])  # float32 [B, L-1, V]
+def _masked_nll(model, ids_BL, mask_BL, *, remat: bool):
+    logits = model.forward(ids_BL[:, :-1], remat=remat)  # float32 [B, L-1, V]
     targets, m = ids_BL[:, 1:], mask_BL[:, 1:].astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
@@ -236,6 +238,7 @@ class FinetuneConfig:
     lora_rank: int = 8  # 0 = full fine-tuning of the dense parameters
     lora_alpha: float | None = None  # default 2 * rank
     lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
+    remat: bool = False  # recompute each block in the backward pass (activation memory of one block)
     seed: int = 0
     save_every: int = 50
     keep: int = 3
@@ -263,6 +266,8 @@ class FinetuneConfig:
             self.lora_alpha = check_value("lora_alpha", self.lora_alpha, ("real>", 0.0))
         if self.lora_rank > 0:
             lora_lib._targets(self.lora_targets)  # a non-empty subset of the known targets
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"remat must be a bool, got {self.remat!r}")
         validate_seed(self.seed)
         if self.reasoning_effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {self.reasoning_effort!r}")
@@ -309,7 +314,8 @@ def _abstract(arrays: dict[str, jax.Array]):
 
 
 def _replicate_on(model, mesh):
-    """Put every parameter not already placed on `mesh` there, replicated."""
+    """Put every array of `model` (a module or an optimizer) not already placed on `mesh` there,
+    replicated."""
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def place(x):
@@ -356,12 +362,31 @@ def base_fingerprint(model, cfg: FinetuneConfig) -> str | None:
     return h.hexdigest()
 
 
-@nnx.jit(static_argnames=("wrt",))
-def _train_step(model, optimizer, ids, mask, wrt):
+def train_step(model, optimizer, ids, mask, wrt, remat: bool = False):
+    """One micro-batch: the loss, its gradient w.r.t. the `wrt` variables, the optimizer update (in
+    place). The Trainer jits it; `gptoss-jax aot --program finetune` lowers it for a target."""
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
-    loss, grads = grad_fn(model, ids, mask)
+    loss, grads = grad_fn(model, ids, mask, remat)
     optimizer.update(model, grads)
     return loss
+
+
+_train_step = nnx.jit(train_step, static_argnames=("wrt", "remat"))
+
+
+def make_trainable(model, cfg: "FinetuneConfig"):
+    """Prepare `model` (in place) for the run `cfg` describes and return what trains (`wrt`): LoRA
+    adapters attached (rank > 0), or the dense parameters upcast to float32 master weights (rank 0)."""
+    if cfg.lora_rank > 0:
+        if not lora_lib.has_lora(model):
+            lora_lib.apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                seed=cfg.seed)
+        return lora_lib.LoRAParam
+    if lora_lib.has_lora(model):
+        raise ValueError("full fine-tuning (lora_rank 0) of a model that has LoRA adapters")
+    nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                                   else x, nnx.state(model, nnx.Param)))
+    return nnx.Param
 
 
 class Trainer:
@@ -390,18 +415,10 @@ class Trainer:
             if cfg.batch_size % n:
                 raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of the data axis ({n})")
             _replicate_on(model, mesh)
-        if cfg.lora_rank > 0:
-            if not lora_lib.has_lora(model):
-                lora_lib.apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
-                                    seed=cfg.seed)
-            self.wrt = lora_lib.LoRAParam
-        else:
-            if lora_lib.has_lora(model):
-                raise ValueError("full fine-tuning (lora_rank 0) of a model that has LoRA adapters")
-            nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
-                                           else x, nnx.state(model, nnx.Param)))
-            self.wrt = nnx.Param
+        self.wrt = make_trainable(model, cfg)
         self.optimizer = nnx.Optimizer(model, cfg.optimizer(), wrt=self.wrt)
+        if mesh is not None:  # the step count too (a restored one would otherwise sit on one device)
+            _replicate_on(self.optimizer, mesh)
         self.rng = jax.random.key(cfg.seed)
         self.step = 0  # optimizer steps done
         self.micro_step = 0
@@ -426,7 +443,7 @@ class Trainer:
         total = 0.0
         for _ in range(self.cfg.grad_accum):
             ids, mask = self._batch()
-            total += float(_train_step(self.model, self.optimizer, ids, mask, self.wrt))
+            total += float(_train_step(self.model, self.optimizer, ids, mask, self.wrt, self.cfg.remat))
             self.micro_step += 1
         loss = total / self.cfg.grad_accum
         if not np.isfinite(loss):
@@ -484,8 +501,9 @@ class Trainer:
                                                                opt=ocp.args.StandardRestore(opt_t),
                                                                meta=ocp.args.JsonRestore()))
         meta = r["meta"]
-        saved = {k: v for k, v in meta["config"].items() if k not in ("steps", "save_every", "keep")}
-        now = {k: v for k, v in self.cfg.to_dict().items() if k not in ("steps", "save_every", "keep")}
+        free = ("steps", "save_every", "keep", "remat")  # may change between runs (remat: same math)
+        saved = {k: v for k, v in meta["config"].items() if k not in free}
+        now = {k: v for k, v in self.cfg.to_dict().items() if k not in free}
         if saved != now:
             diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)}
             raise ValueError(f"cannot resume: the checkpoint was trained with other settings (saved, now): {diff}")

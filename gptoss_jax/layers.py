@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import mxfp4, mxfp4_gmm
+from pallas_kernels.scheduling import zeros_after
 
 from .config import GptOssConfig
 
@@ -56,20 +57,32 @@ def visible_mask(q_pos_BT, k_pos_BS, window, k_valid_BS=None):
     return mask
 
 
+def matmul_dtype(dtype):
+    """Output dtype of a matmul of `dtype` operands that we then continue in float32: float32, except
+    for float16 operands (the compute dtype of GPUs without bf16 MMA, such as the T4), whose matmuls
+    output float16. XLA runs a f16 x f16 -> f32 matmul there as a f32 GEMM on f32 copies of both
+    operands (no tensor cores, and a f32 copy of the weight as a temporary: 2.3 GB for the lm_head);
+    with f16 outputs the tensor cores still accumulate in f32 and only the result is rounded."""
+    return jnp.float16 if jnp.dtype(dtype) == jnp.float16 else jnp.float32
+
+
 def attention_xla(q_BTNH, k_BSKH, v_BSKH, sinks_N, mask_BTS, *, sm_scale):
     """Softmax attention with one sink logit per query head in the denominator only."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    acc = matmul_dtype(q_BTNH.dtype)
+    if acc == jnp.float16:  # scale before the dot: the f16 scores stay far from f16's range limit
+        q_BTKGH, sm_scale = q_BTKGH * jnp.asarray(sm_scale, q_BTKGH.dtype), 1.0
     s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
-                         preferred_element_type=jnp.float32) * sm_scale
+                         preferred_element_type=acc).astype(jnp.float32) * sm_scale
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, -jnp.inf)
     sink_KG = sinks_N.astype(jnp.float32).reshape(K, N // K)[None, :, :, None]  # [1, K, G, 1]
     m = jnp.maximum(jnp.max(s_BKGTS, axis=-1), sink_KG)
     p = jnp.exp(s_BKGTS - m[..., None])
     denom = jnp.sum(p, axis=-1) + jnp.exp(sink_KG - m)
     o_BKGTH = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v_BSKH.dtype), v_BSKH,
-                         preferred_element_type=jnp.float32) / denom[..., None]
+                         preferred_element_type=acc).astype(jnp.float32) / denom[..., None]
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
@@ -138,11 +151,13 @@ def dequantized_tile(x_tD, e, p, cfg: GptOssConfig):
     """One expert's FFN on a tile of rows: expert e's weights dequantized, then both projections:
     float32 [t, D] (before the routing weight)."""
     dtype = x_tD.dtype
+    acc = matmul_dtype(dtype)
     w1 = mxfp4.dequantize(p["w1_blocks"][e], p["w1_scales"][e], dtype)  # [2F, D]
-    h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=jnp.float32)
+    h = jnp.einsum("tD,ND->tN", x_tD, w1, preferred_element_type=acc).astype(jnp.float32)
     h = swiglu(h + p["b1"][e].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
     w2 = mxfp4.dequantize(p["w2_blocks"][e], p["w2_scales"][e], dtype)  # [D, F]
-    return jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=jnp.float32) + p["b2"][e].astype(jnp.float32)
+    y = jnp.einsum("tF,DF->tD", h, w2, preferred_element_type=acc).astype(jnp.float32)
+    return y + p["b2"][e].astype(jnp.float32)
 
 
 def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig, tile_fn=dequantized_tile, tile=MOE_TILE_ROWS):
@@ -153,18 +168,20 @@ def _experts_tiled(x_MD, e_R, k, p, cfg: GptOssConfig, tile_fn=dequantized_tile,
     D = x_MD.shape[1]
     E = p["w1_blocks"].shape[0]
     order, slot, tile_expert, n_tiles, NT = _expert_tiles(e_R, E, tile)
-    x_pad = jnp.zeros((NT * tile, D), dtype).at[slot].set(x_MD[order // k], mode="drop")
+    x0, y0 = zeros_after(x_MD, ((NT * tile, D), dtype), ((NT * tile, D), jnp.float32))
+    x_pad = x0.at[slot].set(x_MD[order // k], mode="drop")
 
     def run_tile(t):
         return tile_fn(jax.lax.dynamic_slice_in_dim(x_pad, t * tile, tile), tile_expert[t], p, cfg)
 
-    def step(_, t):
-        y = jax.lax.cond(t < n_tiles, run_tile, lambda t: jnp.zeros((tile, D), jnp.float32), t)
-        return None, y
+    def step(y, t):
+        y_t = jax.lax.cond(t < n_tiles, run_tile, lambda t: jnp.zeros((tile, D), jnp.float32), t)
+        return jax.lax.dynamic_update_slice_in_dim(y, y_t, t * tile, 0), None
 
-    _, y_tiles = jax.lax.scan(step, None, jnp.arange(NT, dtype=jnp.int32))
-    y_sorted = y_tiles.reshape(NT * tile, D).at[slot].get(mode="fill", fill_value=0.0)
-    return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    y_pad, _ = jax.lax.scan(step, y0, jnp.arange(NT, dtype=jnp.int32))
+    y_sorted = y_pad.at[slot].get(mode="fill", fill_value=0.0)
+    (out0,) = zeros_after(y_sorted, (y_sorted.shape, y_sorted.dtype))
+    return out0.at[order].set(y_sorted)
 
 
 def gathered_rows(x_RD, e_R, p, cfg: GptOssConfig):
@@ -173,9 +190,10 @@ def gathered_rows(x_RD, e_R, p, cfg: GptOssConfig):
     dtype = x_RD.dtype
     w1 = mxfp4.dequantize(p["w1_blocks"][e_R], p["w1_scales"][e_R], dtype)  # [R, 2F, D]
     w2 = mxfp4.dequantize(p["w2_blocks"][e_R], p["w2_scales"][e_R], dtype)  # [R, D, F]
-    h = jnp.einsum("RD,RND->RN", x_RD, w1, preferred_element_type=jnp.float32)
+    acc = matmul_dtype(dtype)
+    h = jnp.einsum("RD,RND->RN", x_RD, w1, preferred_element_type=acc).astype(jnp.float32)
     h = swiglu(h + p["b1"][e_R].astype(jnp.float32), cfg.swiglu_alpha, cfg.swiglu_limit).astype(dtype)
-    y_RD = jnp.einsum("RF,RDF->RD", h, w2, preferred_element_type=jnp.float32)
+    y_RD = jnp.einsum("RF,RDF->RD", h, w2, preferred_element_type=acc).astype(jnp.float32)
     return y_RD + p["b2"][e_R].astype(jnp.float32)
 
 
@@ -216,7 +234,7 @@ def experts_xla(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=No
 
 
 def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset=None, *,
-                   normal_scales: bool = False):
+                   normal_scales: bool = False, impl="auto"):
     """Dropless MoE through the Pallas MXFP4 grouped matmul (pallas_kernels.mxfp4_gmm): rows sorted
     by expert, gate/up with the fused bias + clamped SwiGLU, down with the fused bias + routing
     weight, then summed back per token. `p` holds the kernel layout (`MoE.to_kernel_layout`).
@@ -237,9 +255,9 @@ def experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg: GptOssConfig, expert_offset
     sizes = jnp.zeros((E,), jnp.int32).at[e_R].add(1, mode="drop")
     token = order // k
     h = mxfp4_gmm.gmm(x_MD[token], w1, sizes, bias=p["b1"], epilogue="swiglu", swiglu_alpha=cfg.swiglu_alpha,
-                      swiglu_limit=cfg.swiglu_limit)
+                      swiglu_limit=cfg.swiglu_limit, impl=impl)
     y = mxfp4_gmm.gmm(h, w2, sizes, bias=p["b2"], row_weights=weights_Mk.reshape(-1)[order],
-                      out_dtype=jnp.float32)
+                      out_dtype=jnp.float32, impl=impl)
     return jnp.zeros((M, D), jnp.float32).at[token].add(y).astype(dtype)
 
 

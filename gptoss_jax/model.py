@@ -12,11 +12,12 @@ from flax import nnx
 
 from .config import GenerationDefaults, GptOssConfig
 from . import sharding as shd
-from .layers import KERNEL_EXPERT_WEIGHTS, Attention, MoE, PackedParam, rms_norm, rope_cos_sin
+from .layers import KERNEL_EXPERT_WEIGHTS, Attention, MoE, PackedParam, matmul_dtype, rms_norm, rope_cos_sin
 from .ops import CachedBatch
 from .runtime import Runtime
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "bf16": jnp.bfloat16, "fp32": jnp.float32}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16, "bf16": jnp.bfloat16,
+          "fp32": jnp.float32, "fp16": jnp.float16}
 
 
 def canonical_dtype(dtype) -> jnp.dtype:
@@ -25,8 +26,8 @@ def canonical_dtype(dtype) -> jnp.dtype:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         return jnp.dtype(DTYPES[dtype])
     dtype = jnp.dtype(dtype)
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        raise ValueError(f"compute dtype must be bfloat16 or float32, got {dtype}")
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float16)):
+        raise ValueError(f"compute dtype must be bfloat16, float16 or float32, got {dtype}")
     return dtype
 
 
@@ -52,6 +53,13 @@ def ring_write(cache_BSKH, new_BTKH, lengths_B, n_new_B):
 
 def replace_at(items: tuple, i: int, value) -> tuple:
     return items[:i] + (value,) + items[i + 1:]
+
+
+def param_dtype_for(dtype) -> jnp.dtype:
+    """The dtype the dense parameters are held in: the checkpoint's bfloat16, except under float16
+    compute, which holds them in float16 (converted once at load; a GPU without bf16 arithmetic
+    would otherwise convert every weight at every use, into a temporary as large as the weight)."""
+    return jnp.dtype(jnp.float16) if canonical_dtype(dtype) == jnp.float16 else jnp.dtype(jnp.bfloat16)
 
 
 @flax.struct.dataclass
@@ -118,7 +126,9 @@ class GptOss(nnx.Module):
     """gpt-oss causal LM. `model(input_ids [B, T] int32)` -> float32 logits [B, T, V].
 
     Parameters keep the checkpoint dtypes (bf16, MXFP4-packed experts); `dtype` is the compute dtype.
-    `runtime` (gptoss_jax.runtime.Runtime) fixes the mesh, the sharding rules and the attention /
+    float16 compute (GPUs without bf16 MMA, e.g. T4) keeps the residual stream in float32: each
+    sublayer reads its RMS-normalised input in float16 (bounded) and adds its output to the float32
+    sum, so the stream never meets float16's 65504 limit. `runtime` (gptoss_jax.runtime.Runtime) fixes the mesh, the sharding rules and the attention /
     MoE ops; default: one device, XLA ops.
     """
 
@@ -129,6 +139,7 @@ class GptOss(nnx.Module):
         self.runtime = Runtime.create() if runtime is None else runtime
         shd.expert_axis_size(self.runtime.mesh, self.runtime.rules, cfg.num_local_experts)
         self.dtype = canonical_dtype(dtype)
+        self.residual_dtype = jnp.dtype(jnp.float32) if self.dtype == jnp.float16 else self.dtype
         V, D = cfg.vocab_size, cfg.hidden_size
         self.embed_VD = nnx.Param((0.02 * jax.random.normal(rngs.params(), (V, D))).astype(param_dtype))
         self.blocks = nnx.List([Block(cfg, i, param_dtype=param_dtype, rngs=rngs)
@@ -151,46 +162,57 @@ class GptOss(nnx.Module):
         return rope_cos_sin(positions_BT, np.asarray(self._inv_freq, np.float32), self._rope_scaling)
 
     def embed(self, input_ids_BT):
-        return self.runtime.dense.take(self.embed_VD[...], input_ids_BT).astype(self.dtype)
+        return self.runtime.dense.take(self.embed_VD[...], input_ids_BT).astype(self.residual_dtype)
+
+    def normed(self, x_BTD, scale):
+        """RMSNorm of the residual stream, in the compute dtype."""
+        return rms_norm(x_BTD, scale, self.config.rms_norm_eps).astype(self.dtype)
 
     def unembed(self, x_BTD):
-        x = rms_norm(x_BTD, self.norm[...], self.config.rms_norm_eps)
+        x = self.normed(x_BTD, self.norm[...])
         return self.runtime.dense("BTD,VD->BTV", x, self.lm_head_VD[...], in_first=False,
-                                  preferred_element_type=jnp.float32)
+                                  preferred_element_type=matmul_dtype(x.dtype)).astype(jnp.float32)
 
-    def _trunk(self, input_ids_BT, positions_BT, attend):
-        """Embedding and blocks; `attend(layer, q, k, v)` supplies the attention of each layer."""
-        eps = self.config.rms_norm_eps
+    def _block(self, i, block, x, cos, sin, attend):
+        a = block.attn
+        with jax.named_scope(f"block_{i}/attention"):
+            q, k, v = a.qkv(self.normed(x, a.norm[...]), cos, sin, self.runtime.dense)
+            x = x + a.out(attend(i, a, q, k, v), self.runtime.dense)
+        with jax.named_scope(f"block_{i}/moe"):
+            x = x + block.mlp(self.normed(x, block.mlp.norm[...]), self.runtime.moe)
+        return x
+
+    def _trunk(self, input_ids_BT, positions_BT, attend, remat: bool = False):
+        """Embedding and blocks; `attend(layer, attention module, q, k, v)` supplies the attention of
+        each layer. `remat`: each block under `nnx.remat` (its activations recomputed in the backward
+        pass; only the block inputs are kept), for training."""
         with jax.named_scope("embed"):
             cos, sin = self.rope(positions_BT)
             x = self.embed(input_ids_BT)
         for i, block in enumerate(self.blocks):
-            a = block.attn
-            with jax.named_scope(f"block_{i}/attention"):
-                q, k, v = a.qkv(rms_norm(x, a.norm[...], eps), cos, sin, self.runtime.dense)
-                x = x + a.out(attend(i, q, k, v), self.runtime.dense)
-            with jax.named_scope(f"block_{i}/moe"):
-                x = x + block.mlp(rms_norm(x, block.mlp.norm[...], eps), self.runtime.moe)
+            step = functools.partial(GptOss._block, self, i)  # reads only static attributes of self
+            x = (nnx.remat(step, static_argnums=(4,)) if remat else step)(block, x, cos, sin, attend)
         return x
 
-    def forward(self, input_ids_BT, positions_BT=None):
-        """Full causal forward over the given tokens, no cache (positions default to 0..T-1)."""
+    def forward(self, input_ids_BT, positions_BT=None, *, remat: bool = False):
+        """Full causal forward over the given tokens, no cache (positions default to 0..T-1).
+        `remat` (training): recompute each block's activations in the backward pass."""
         B, T = input_ids_BT.shape
         out_spec = self.runtime.logits_spec((B, T, self.config.vocab_size))
-        return self.within_runtime(GptOss._forward, out_spec, input_ids_BT, positions_BT)
+        body = functools.partial(GptOss._forward, remat=remat)
+        return self.within_runtime(body, out_spec, input_ids_BT, positions_BT)
 
-    def _forward(self, input_ids_BT, positions_BT):
+    def _forward(self, input_ids_BT, positions_BT, *, remat: bool = False):
         B, T = input_ids_BT.shape
         op = self.runtime.attention
         given = positions_BT  # None: 0..T-1, which the kernels take without a mask
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
-        def attend(i, q, k, v):
-            a = self.blocks[i].attn
+        def attend(i, a, q, k, v):
             return op.forward(q, k, v, a.sinks_N[...], given, window=a.window, sm_scale=a.sm_scale)
 
-        x = self._trunk(input_ids_BT, positions_BT, attend)
+        x = self._trunk(input_ids_BT, positions_BT, attend, remat)
         with jax.named_scope("unembed"):
             return self.unembed(x)
 
@@ -217,9 +239,8 @@ class GptOss(nnx.Module):
                             valid_BT=t_T[None, :] < n_new_B[:, None])
         written = cache
 
-        def attend(i, q, k, v):
+        def attend(i, a, q, k, v):
             nonlocal written
-            a = self.blocks[i].attn
             out, written = written.attend(i, self.runtime, q, k, v, a.sinks_N[...], batch, window=a.window,
                                           sm_scale=a.sm_scale, cache_empty=cache_empty)
             return out
@@ -291,10 +312,11 @@ def check_token_ids(input_ids, vocab_size: int) -> jax.Array:
 
 def abstract_model(cfg: GptOssConfig, *, dtype="bfloat16", runtime: Runtime | None = None,
                    kernel_layout: bool = False) -> GptOss:
-    """The model with ShapeDtypeStruct leaves: shapes and bytes without allocating anything.
+    """The model with ShapeDtypeStruct leaves: shapes and bytes without allocating anything, the
+    dense parameters in `param_dtype_for(dtype)` (what `load_model` reads them into).
     `kernel_layout`: the experts as `load_model(..., kernels="pallas")` holds them (deviceless plans)."""
     def build():
-        m = GptOss(cfg, runtime=runtime, dtype=dtype, rngs=nnx.Rngs(0))
+        m = GptOss(cfg, runtime=runtime, dtype=dtype, param_dtype=param_dtype_for(dtype), rngs=nnx.Rngs(0))
         return m.to_kernel_layout(assume_normal_scales=True) if kernel_layout else m
     return nnx.eval_shape(build)
 

@@ -300,11 +300,13 @@ class XlaMoE(_ExpertParallel):
 class PallasMoE(_ExpertParallel):
     """`layers.experts_pallas`: the MXFP4 grouped-matmul kernel on experts in kernel layout."""
 
+    impl: Impl = Impl.AUTO  # the kernel body (Runtime.create: from the target device)
     name = "pallas"
     kernel_layout = True
 
     def _run(self, x_MD, weights_Mk, idx_Mk, p, cfg, normal_scales, expert_offset=None):
-        return experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, normal_scales=normal_scales)
+        return experts_pallas(x_MD, weights_Mk, idx_Mk, p, cfg, expert_offset, normal_scales=normal_scales,
+                              impl=self.impl)
 
 
 # ---------------------------------------------------------------------------------------------

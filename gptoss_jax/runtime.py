@@ -22,23 +22,74 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pallas_kernels.impl import Impl
+
 from . import native, sharding as shd
 from .ops import (OPS, PAGED_OPS, PallasAttention, PallasMoE, PallasPagedAttention, XlaAttention, XlaDense, XlaMoE,
                   XlaPagedAttention)
 
 KERNEL_CHOICES = ("auto", "xla", "pallas")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# XLA compiles Triton kernels (so Pallas on GPU) only from Ampere on ("Triton support is only enabled
+# for Ampere GPUs (compute capability 8.0) and up"); bf16 tensor-core MMA also starts at sm_80:
+# Turing (T4, sm_75) has f16 MMA only, and XLA upcasts its bf16 matmuls to f32 (copying the weights).
+TRITON_MIN_CC = (8, 0)
+BF16_MIN_CC = (8, 0)
 # Activation rows up to which the XLA ops use the XLA:CPU decode formulations (cpu_kernels) on a CPU
 # backend: beyond two rows a library dot that reads each weight once beats reading it per row.
 CPU_DENSE_ROWS = 2
 
 
-def resolve_kernels(kernels: str) -> str:
-    """"auto" -> "pallas" on GPU / TPU, "xla" elsewhere."""
+def target_device(mesh: Mesh | None = None):
+    """The device the model's programs run on (the mesh's first; else the default device). Its
+    kind decides "auto" kernels and dtype; a mesh of compile-only topology devices works too."""
+    return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+
+
+def gpu_compute_capability(device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device; None for other devices (and ROCm's "gfx..." names)."""
+    if device.platform not in ("gpu", "cuda"):
+        return None
+    major, _, minor = str(device.compute_capability).partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
+
+
+def resolve_kernels(kernels: str, device=None) -> str:
+    """"auto" -> what runs on `device` (default: `target_device()`): "pallas" on TPU (Mosaic) and on
+    GPUs from sm_80 (Triton: mma.sync on sm_80 / sm_89, wgmma on sm_90); "xla" on older GPUs (XLA
+    compiles no Triton there) and on CPU."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    if kernels == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "xla"
-    return kernels
+    if kernels != "auto":
+        return kernels
+    device = target_device() if device is None else device
+    if device.platform == "tpu":
+        return "pallas"
+    if device.platform in ("gpu", "cuda"):
+        cc = gpu_compute_capability(device)
+        return "pallas" if cc is None or cc >= TRITON_MIN_CC else "xla"
+    return "xla"
+
+
+def resolve_dtype(dtype: str, device=None) -> str:
+    """"auto" -> the compute dtype `device` runs natively: "float16" on CUDA GPUs below sm_80 (f16
+    activations, f32 accumulation and a f32 residual stream, see `GptOss`), "bfloat16" elsewhere."""
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    cc = gpu_compute_capability(target_device() if device is None else device)
+    return "float16" if cc is not None and cc < BF16_MIN_CC else "bfloat16"
+
+
+def kernel_impl(device) -> Impl:
+    """The Pallas kernel body for `device`, fixed at construction (a deviceless compile runs on the
+    CPU backend, so the kernels' own backend check would pick the interpreter)."""
+    if device.platform == "tpu":
+        return Impl.MOSAIC
+    if device.platform in ("gpu", "cuda"):
+        return Impl.TRITON
+    return Impl.AUTO  # CPU: each package's interpreted default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,21 +104,26 @@ class Runtime:
     @classmethod
     def create(cls, kernels: str = "xla", mesh: Mesh | None = None,
                rules: shd.ShardingRules | None = None) -> "Runtime":
-        """kernels: "xla", "pallas" or "auto"; mesh: any `jax.sharding.Mesh` with axes among
-        ("data", "expert", "model") (others are left unused); rules: default `sharding.DEFAULT_RULES`."""
+        """kernels: "xla", "pallas" or "auto" (`resolve_kernels` for the mesh's devices); mesh: any
+        `jax.sharding.Mesh` with axes among ("data", "expert", "model") (others are left unused);
+        rules: default `sharding.DEFAULT_RULES`."""
         rules = shd.DEFAULT_RULES if rules is None else rules
         if mesh is not None and not isinstance(mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-        kernels = resolve_kernels(kernels)
+        device = target_device(mesh)
+        kernels = resolve_kernels(kernels, device)
         attention_cls, moe_cls = OPS[kernels]
         cm = None if mesh is None else shd.compute_mesh(mesh)
-        attention = attention_cls(mesh=cm, rules=rules) if attention_cls is PallasAttention else attention_cls()
-        moe, dense = moe_cls(mesh=cm, rules=rules), XlaDense()
-        if moe_cls is XlaMoE and _platform(mesh) == "cpu":  # XLA:CPU: the decode formulations of cpu_kernels
+        if attention_cls is PallasAttention:
+            kw = dict(mesh=cm, rules=rules, impl=kernel_impl(device))
+            attention, moe, paged = attention_cls(**kw), moe_cls(**kw), PAGED_OPS[kernels](**kw)
+        else:
+            attention, moe, paged = attention_cls(), moe_cls(mesh=cm, rules=rules), PAGED_OPS[kernels](mesh=cm, rules=rules)
+        dense = XlaDense()
+        if moe_cls is XlaMoE and device.platform == "cpu":  # XLA:CPU: the decode formulations of cpu_kernels
             moe = XlaMoE(mesh=cm, rules=rules, cpu_decode=True, native=native.available())
             dense = XlaDense(cpu_rows=CPU_DENSE_ROWS)
-        return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense,
-                   paged_attention=PAGED_OPS[kernels](mesh=cm, rules=rules))
+        return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense, paged_attention=paged)
 
     @property
     def kernels(self) -> str:
@@ -131,11 +187,6 @@ class Runtime:
             with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
                 return jax.sharding.auto_axes(fn, axes=tuple(self.mesh.axis_names), out_sharding=out_specs)(*args)
         return wrapped
-
-
-def _platform(mesh: Mesh | None) -> str:
-    """The platform the model's programs run on: the mesh's devices', else the default backend."""
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
 def _on_explicit_mesh(x) -> bool:

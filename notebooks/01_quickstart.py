@@ -17,7 +17,8 @@
 # Load **gpt-oss-20b** (MXFP4 experts kept packed: about 13.8 GB) and chat with it in the harmony format,
 # at the three reasoning efforts.
 #
-# **Colab**: pick a GPU runtime with at least 24 GB (L4, A100, H100) or a TPU runtime, then run all cells.
+# **Colab**: any GPU runtime (the free T4 included: float16, XLA kernels, up to 8192 tokens of context) or a
+# TPU runtime, then run all cells.
 # The install cell only runs on Colab; set `GPTOSS_JAX_SOURCE` to the gptoss-jax git URL
 # (`git+https://github.com/ORG/gptoss-jax`) or upload a checkout to `/content/gptoss-jax`.
 #
@@ -34,6 +35,20 @@ if "google.colab" in sys.modules:  # Colab only: JAX for the runtime's accelerat
     accel = "tpu" if os.path.exists("/dev/accel0") or "COLAB_TPU_ADDR" in os.environ else "cuda12"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"jax[{accel}]==0.10.2", source], check=True)
 
+# %% [markdown]
+# ## The runtime
+# What this runtime is, what its deployment plan says about gpt-oss-20b (deviceless compiles, see
+# docs/notebooks.md), and the settings the rest of the notebook uses. On a GPU, JAX's allocator may then
+# take 95% of the memory (JAX's default, 75%, leaves a T4 or an L4 too little): this must run before JAX
+# starts, hence first.
+
+# %%
+from gptoss_jax import runtimes
+
+runtimes.use_planned_memory_fraction()
+RT = runtimes.detect()
+print(RT.describe())
+
 # %%
 import jax
 
@@ -48,11 +63,11 @@ print("JAX devices:", jax.devices())
 # %% [markdown]
 # ## Load the model
 # `load_model` takes a Hugging Face id (downloads only the safetensors and configs), a Hugging Face folder,
-# an `original/` folder or a folder converted with `gptoss-jax convert`. `kernels="auto"` picks the Pallas
-# kernels on GPU/TPU when available.
+# an `original/` folder or a folder converted with `gptoss-jax convert`. The runtime's settings: the Pallas
+# kernels on TPU and on GPUs from Ampere on, XLA elsewhere; bfloat16, or float16 on a T4.
 
 # %%
-model = gj.load_model(MODEL, dtype="bfloat16", kernels="auto")
+model = gj.load_model(MODEL, dtype=RT.dtype, kernels=RT.kernels)
 n_params, n_bytes = count_params(model)
 print(f"{n_params / 1e9:.2f} B parameters in {n_bytes / 1e9:.2f} GB, {model.config.num_hidden_layers} layers")
 
@@ -66,7 +81,8 @@ print(f"{n_params / 1e9:.2f} B parameters in {n_bytes / 1e9:.2f} GB, {model.conf
 # %%
 def chat(messages, effort="medium", max_tokens=MAX_TOKENS, temperature=0.7, seed=0):
     prompt = render_prompt(messages, reasoning_effort=effort)
-    out = gj.generate(model, [prompt], max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    out = gj.generate(model, [prompt], max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                      prefill_chunk=RT.prefill_chunk)
     reply = parse_completion(out.tokens[0, :out.lengths[0]])
     return reply
 

@@ -41,6 +41,20 @@ if os.environ.get("GPTOSS_CPU_DEVICES"):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={os.environ['GPTOSS_CPU_DEVICES']}")
 
+# %% [markdown]
+# ## The runtime
+# What this runtime is, what its deployment plan says about gpt-oss-20b (deviceless compiles, see
+# docs/notebooks.md), and the settings the rest of the notebook uses. On a GPU, JAX's allocator may then
+# take 95% of the memory (JAX's default, 75%, leaves a T4 or an L4 too little): this must run before JAX
+# starts, hence first.
+
+# %%
+from gptoss_jax import runtimes
+
+runtimes.use_planned_memory_fraction()
+RT = runtimes.detect()
+print(RT.describe())
+
 # %%
 import json
 import shutil
@@ -93,7 +107,7 @@ mesh = shd.make_mesh(data=n // expert, expert=expert, model=1)
 print(shd.describe(mesh))
 
 # %%
-model = gj.load_model(MODEL, mesh=mesh)
+model = gj.load_model(MODEL, mesh=mesh, dtype=RT.dtype, kernels=RT.kernels)
 for device, nbytes in shd.bytes_per_device(model).items():
     print(f"{device}: {nbytes / 2**30:.3f} GiB of parameters")
 mlp = model.blocks[0].mlp  # experts in the Pallas kernel layout (w1_q) on GPU/TPU, packed blocks on CPU
@@ -109,7 +123,7 @@ questions = ["What is 2 + 2?", "Name a prime number.", "What colour is the sky?"
 batch = mesh.shape["data"] * ((len(questions) + mesh.shape["data"] - 1) // mesh.shape["data"])
 questions = (questions * batch)[:batch]
 prompts = [render_prompt([{"role": "user", "content": q}], reasoning_effort="low") for q in questions]
-out = gj.generate(model, prompts, max_new_tokens=MAX_TOKENS, temperature=0.7, seed=0)
+out = gj.generate(model, prompts, max_new_tokens=MAX_TOKENS, temperature=0.7, seed=0, prefill_chunk=RT.prefill_chunk)
 for q, toks, n_tok in zip(questions, out.tokens, out.lengths):
     print(f"{q!r} -> {parse_completion(toks[:n_tok]).final!r}")
 

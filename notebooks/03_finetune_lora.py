@@ -19,8 +19,8 @@
 # (resumable), then an export of the merged model in the Hugging Face layout, which `load_model` and
 # transformers load. See docs/finetuning.md.
 #
-# **Colab**: gpt-oss-20b needs a GPU with at least 40 GB (A100 40/80 GB, H100) for LoRA at sequence length
-# 512, or a TPU runtime. The model comes from `GPTOSS_MODEL` (default `openai/gpt-oss-20b`); CI runs this
+# **Colab**: LoRA on gpt-oss-20b fits an L4 (with remat), an A100, an H100 or a TPU v5e / v6e chip (the runtime
+# cell below prints its plan); not the free T4 (its 15 GB hold the model, not its training step). The model comes from `GPTOSS_MODEL` (default `openai/gpt-oss-20b`); CI runs this
 # notebook on a tiny random checkpoint with a few steps.
 
 # %%
@@ -32,6 +32,23 @@ if "google.colab" in sys.modules:  # Colab only: JAX for the runtime's accelerat
     source = os.environ.get("GPTOSS_JAX_SOURCE", "/content/gptoss-jax")
     accel = "tpu" if os.path.exists("/dev/accel0") or "COLAB_TPU_ADDR" in os.environ else "cuda12"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"jax[{accel}]==0.10.2", source], check=True)
+
+# %% [markdown]
+# ## The runtime
+# What this runtime is, what its deployment plan says about gpt-oss-20b (deviceless compiles, see
+# docs/notebooks.md), and the settings the rest of the notebook uses. On a GPU, JAX's allocator may then
+# take 95% of the memory (JAX's default, 75%, leaves a T4 or an L4 too little): this must run before JAX
+# starts, hence first.
+
+# %%
+from gptoss_jax import runtimes
+
+runtimes.use_planned_memory_fraction()
+RT = runtimes.detect()
+print(RT.describe())
+FT = RT.finetune or runtimes.Finetune(seq_len=256)  # no plan (CPU, a small checkpoint): the toy data's length
+if RT.max_len is not None and RT.finetune is None:
+    print("this runtime's plan says gpt-oss-20b LoRA does not fit: pick a larger runtime or a smaller model")
 
 # %%
 import json
@@ -81,12 +98,13 @@ print(f"{len(ids)} tokens, {mask.sum()} trained on:", repr(enc.decode(ids[mask].
 # finally writes the merged model to `OUT`.
 
 # %%
-model = gj.load_model(MODEL, dtype="bfloat16")
+model = gj.load_model(MODEL, dtype=RT.dtype, kernels=RT.kernels)
 before = render_prompt([{"role": "user", "content": pairs[0][0]}], reasoning_effort="low")
 
 OUT = os.path.join(WORK, "pirate-lora")
-cfg = FinetuneConfig(steps=STEPS, batch_size=2, seq_len=256, lr=2e-4 if STEPS > 20 else 1e-2, lora_rank=8,
-                     save_every=max(1, STEPS // 2), keep=2)
+# the toy conversations are short: 256 tokens hold them (the plan's sequence length bounds what fits)
+cfg = FinetuneConfig(steps=STEPS, batch_size=1, grad_accum=2, seq_len=min(256, FT.seq_len), remat=FT.remat,
+                     lr=2e-4 if STEPS > 20 else 1e-2, lora_rank=8, save_every=max(1, STEPS // 2), keep=2)
 result = finetune(model, data_path, cfg, out_dir=OUT, resume=os.path.isdir(os.path.join(OUT, "train_state")))
 print(f"loss {result.first_loss:.3f} -> {result.last_loss:.3f} in {result.step} steps;", lora_info(model))
 
@@ -102,15 +120,16 @@ print("exported:", sorted(f for f in os.listdir(OUT) if f.endswith((".json", ".s
 out = gj.generate(model, [before], max_new_tokens=MAX_TOKENS, temperature=0.0)
 print("adapted model:", parse_completion(out.tokens[0, :out.lengths[0]]).final)
 
-tuned = gj.load_model(OUT)
+tuned = gj.load_model(OUT, dtype=RT.dtype, kernels=RT.kernels)
 out = gj.generate(tuned, [before], max_new_tokens=MAX_TOKENS, temperature=0.0)
 print("exported model:", parse_completion(out.tokens[0, :out.lengths[0]]).final)
 
 # %% [markdown]
 # ## 4. The same from the command line
 # ```bash
+# gptoss-jax aot --program finetune --target l4 --seq-len 1024 --remat     # does it fit? (no hardware needed)
 # gptoss-jax finetune --model openai/gpt-oss-20b --data pirate.jsonl --steps 60 --lora-rank 8 --lr 2e-4 \
-#     --batch-size 2 --seq-len 256 --out pirate-lora --json
+#     --batch-size 1 --grad-accum 2 --seq-len 256 --out pirate-lora --json
 # gptoss-jax finetune ... --steps 120 --out pirate-lora --resume    # continue from the last checkpoint
 # gptoss-jax chat --model pirate-lora
 # ```

@@ -34,18 +34,19 @@ def _param_bytes(name):
 
 
 def test_20b_fits_one_h100_at_8k():
-    p = _plan("h100", "gpt-oss-20b", devices=1, batch=1, max_len=8192)
+    p = _plan("h100", "gpt-oss-20b", devices=1, batch=1, max_len=8192, kernels="xla")
     params = _param_bytes("gpt-oss-20b")
     assert 13.5 * GB < params < 14.0 * GB  # MXFP4 packed on device
     # arguments = parameters + the bf16 KV cache (12 full layers x 8192 slots + 12 rings of 128)
     assert params < p["argument_bytes"] < params + 0.5 * GB
-    assert p["device_memory_bytes"] == 84929347584  # from the H100 target config
+    assert p["device_memory_bytes"] == 84929347584  # from the H100 target description
+    assert p["usable_bytes"] == p["device_memory_bytes"] - round(0.05 * 84929347584)  # mem fraction 0.95
     assert p["fits"] and p["total_bytes_per_device"] < 25 * GB
     assert p["programs"]["decode"]["temp_bytes"] < 1 * GB  # decode gathers only the routed experts
 
 
 def test_20b_fits_one_tpu_v5e_chip_at_8k():
-    p = _plan("tpu-v5e", "gpt-oss-20b", devices=1, batch=1, max_len=8192)
+    p = _plan("tpu-v5e", "gpt-oss-20b", devices=1, batch=1, max_len=8192, kernels="xla")
     assert 13.5 * GB < p["argument_bytes"] < 14.5 * GB
     assert p["device_memory_bytes"] == 16 * 2 ** 30
     # one layer of dequantized experts (32 x 49.8 MB in bf16) plus activations, not all 24 layers
@@ -54,14 +55,14 @@ def test_20b_fits_one_tpu_v5e_chip_at_8k():
 
 
 def test_120b_fits_one_h100_at_8k():
-    p = _plan("h100", "gpt-oss-120b", devices=1, batch=1, max_len=8192)
+    p = _plan("h100", "gpt-oss-120b", devices=1, batch=1, max_len=8192, kernels="xla")
     params = _param_bytes("gpt-oss-120b")
     assert params < p["argument_bytes"] < params + 0.6 * GB
     assert p["fits"], p
 
 
 def test_120b_fits_tpu_v5e_8_expert_parallel():
-    p = _plan("tpu-v5e", "gpt-oss-120b", mesh_shape={"expert": 8}, batch=1, max_len=8192)
+    p = _plan("tpu-v5e", "gpt-oss-120b", mesh_shape={"expert": 8}, batch=1, max_len=8192, kernels="xla")
     cfg = preset("gpt-oss-120b")
     total = _param_bytes("gpt-oss-120b")
     E, D, F = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
@@ -75,12 +76,13 @@ def test_120b_fits_tpu_v5e_8_expert_parallel():
 
 
 def test_pallas_plan_compiles_the_kernels_with_the_kernel_layout(tmp_path):
-    """--kernels pallas on H100 (2 layers of 20b): the Triton kernels compile in both programs, and the
-    arguments are the XLA plan's plus exactly the kernel layout's K padding (2880 -> 2944)."""
+    """--kernels pallas on H100 (2 layers of 20b): the Triton kernels compile in both programs (not their
+    interpreted form: the plan runs on the CPU backend), and the arguments are the XLA plan's plus exactly
+    the kernel layout's K padding (2880 -> 2944)."""
     cfg = preset("gpt-oss-20b").replace(num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"))
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_hf_dict()))
-    px = _plan("h100", str(path), devices=1, batch=1, max_len=4096)
+    px = _plan("h100", str(path), devices=1, batch=1, max_len=4096, kernels="xla")
     pp = _plan("h100", str(path), devices=1, batch=1, max_len=4096, kernels="pallas")
     D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
     pad = lambda k: -(-k // 128) * 128 - k  # noqa: E731
@@ -88,6 +90,9 @@ def test_pallas_plan_compiles_the_kernels_with_the_kernel_layout(tmp_path):
     delta = cfg.num_hidden_layers * E * (2 * F * pad(D) + D * pad(F)) * per_weight
     assert pp["kernels"] == "pallas" and pp["argument_bytes"] - px["argument_bytes"] == delta
     assert pp["fits"] and set(pp["programs"]) == {"prefill", "decode"}
+    for name in ("prefill", "decode"):
+        assert "__gpu$xla.gpu.triton" in pp["programs"][name]["custom_calls"]
+        assert not any("triton" in c for c in px["programs"][name]["custom_calls"])
 
 
 def test_cli_json_last_line(tmp_path):

@@ -19,11 +19,12 @@ def test_bad_kernels_and_dtype(ckpt):
     with pytest.raises(ValueError, match="kernels must be one of"):
         load_model(ckpt, kernels="cuda")
     with pytest.raises(ValueError, match="dtype must be one of"):
-        load_model(ckpt, dtype="float16", kernels="xla")
+        load_model(ckpt, dtype="float8", kernels="xla")
 
 
 def test_auto_kernels_on_cpu_is_xla(ckpt):
-    assert load_model(ckpt, kernels="auto", progress=False).kernels == "xla"
+    m = load_model(ckpt, kernels="auto", progress=False)  # and dtype="auto": bfloat16 on CPU
+    assert m.kernels == "xla" and m.dtype == np.dtype("bfloat16")
 
 
 def test_model_call_checks_token_ids(ckpt):

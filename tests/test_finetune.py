@@ -245,11 +245,14 @@ def test_cli_finetune_json_and_resume(base, tmp_path):
     first = json.loads(r.stdout.strip().splitlines()[-1])
     assert first["steps"] == 2 and np.isfinite(first["first_loss"]) and np.isfinite(first["last_loss"])
     assert "fine-tuning" in r.stderr  # the tqdm bar
-    r = subprocess.run(cmd + ["--steps", "3", "--resume"], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=600)
+    # the resumed run data parallel over 2 (forced CPU) devices, as `gptoss-jax aot --program finetune --mesh` plans
+    env2 = {**env, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    r = subprocess.run(cmd + ["--steps", "3", "--resume", "--mesh", "data=2"], capture_output=True, text=True,
+                       env=env2, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     second = json.loads(r.stdout.strip().splitlines()[-1])
     assert second["steps"] == 3 and second["steps_this_run"] == 1 and second["first_loss"] == first["first_loss"]
+    assert first["mesh"] is None and second["mesh"] == {"data": 2, "expert": 1, "model": 1}
     log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
     assert [e["step"] for e in log] == [1, 2, 3]
     model = _load(out)

@@ -51,6 +51,7 @@ def test_notebook_runs(name, tiny_checkpoint, tmp_path, monkeypatch):
     nb = jupytext.read(os.path.join(NOTEBOOKS, f"{name}.py"))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "runtime: CPU (cpu); dtype bfloat16, xla kernels" in text  # the runtime cell (gptoss_jax.runtimes)
     if name == "01_quickstart":
         assert "reasoning effort high" in text and "parameters in" in text
     elif name == "02_sharded_inference":

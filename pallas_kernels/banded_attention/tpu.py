@@ -222,9 +222,9 @@ def _decode_band(b, clen_ref, *, window, bk, s_cache):
 
 def _decode_kernel(clen_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *,
                    scale, window, t_len, bk, groups, n_heads_kv, s_cache, n_kv):
-  b, j = pl.program_id(0), pl.program_id(1)
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # row, query block, KV block
   g = groups
-  rows = t_len * g
+  rows = t_len * g  # t_len: new tokens per query block
   clen = clen_ref[b]
   kb_lo, kb_hi = _decode_band(b, clen_ref, window=window, bk=bk, s_cache=s_cache)
   n_valid = jnp.minimum(clen, s_cache)
@@ -244,7 +244,7 @@ def _decode_kernel(clen_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, m_sc, l
     vis = (slot < n_valid) & (pos >= 0)
     if window is not None:
       r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-      qpos = clen + _div(r, g)
+      qpos = clen + i * t_len + _div(r, g)
       vis = vis & (pos > qpos - window)
     kcol = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     _online_softmax_update(q_ref, k_ref, v_ref, vis, kcol < n_valid, scale, m_sc, l_sc, acc_sc, n_heads_kv)
@@ -256,45 +256,55 @@ def _decode_kernel(clen_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, m_sc, l
     l_ref[...] = l_sc[...]
 
 
+# Query rows (new tokens x q heads per kv head) per grid step. A whole 512-token prefill chunk in one
+# block (4096 rows at G = 8: f32 accumulators, lane-padded (rows, 1) statistics, double buffering)
+# needs 131 MiB of VMEM, more than a v5e / v6e core has (128 MiB); 256 rows stay near 16 MiB.
+DECODE_BLOCK_ROWS = 256
+
+
 def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k=512,
-                    vmem_limit_bytes=None, interpret=False):
+                    block_rows=DECODE_BLOCK_ROWS, vmem_limit_bytes=None, interpret=False):
   B, T, N, H = q.shape
   Sc, K = k_cache.shape[1], k_cache.shape[2]
   G = N // K
-  rows = T * G
+  bt = min(T, max(1, block_rows // G))  # new tokens per query block
+  n_q = pl.cdiv(T, bt)
+  tp = n_q * bt
+  rows = bt * G
   block_k = min(block_k, -(-Sc // 8) * 8)
   n_blocks = pl.cdiv(Sc, block_k)
   n_kv = n_blocks
   if window is not None and Sc > window:  # contiguous cache of a sliding layer: band only
     n_kv = min(n_blocks, pl.cdiv(window - 1, block_k) + 1)
-  qf = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 1, 3, 4)).reshape(B, K, rows, H)
+  qf = jnp.transpose(q.reshape(B, T, K, G, H), (0, 2, 1, 3, 4))
+  qf = jnp.pad(qf, ((0, 0), (0, 0), (0, tp - T), (0, 0), (0, 0))).reshape(B, K, tp * G, H)
   band = functools.partial(_decode_band, window=window, bk=block_k, s_cache=Sc)
 
-  def kv_map(b, j, clen_ref):
+  def kv_map(b, i, j, clen_ref):
     lo, hi = band(b, clen_ref)
     return (b, _kv_block(lo, hi, j, n_blocks), 0, 0)
 
-  kernel = functools.partial(_decode_kernel, scale=sm_scale, window=window, t_len=T,
+  kernel = functools.partial(_decode_kernel, scale=sm_scale, window=window, t_len=bt,
                              bk=block_k, groups=G, n_heads_kv=K, s_cache=Sc, n_kv=n_kv)
-  out_shape = [jax.ShapeDtypeStruct((B, K, rows, H), jnp.float32),
-               jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32),
-               jax.ShapeDtypeStruct((B, K, rows, 1), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct((B, K, tp * G, H), jnp.float32),
+               jax.ShapeDtypeStruct((B, K, tp * G, 1), jnp.float32),
+               jax.ShapeDtypeStruct((B, K, tp * G, 1), jnp.float32)]
   cost = common.decode_cost(q, k_cache, window=window, operands=(cache_len, qf), outputs=out_shape,
                             kv=(k_cache, v_cache))
   acc, m, l = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
-          grid=(B, n_kv),
+          grid=(B, n_q, n_kv),
           in_specs=[
-              pl.BlockSpec((None, K, rows, H), lambda b, j, *_: (b, 0, 0, 0)),
+              pl.BlockSpec((None, K, rows, H), lambda b, i, j, *_: (b, 0, i, 0)),
               pl.BlockSpec((None, block_k, K, H), kv_map),
               pl.BlockSpec((None, block_k, K, H), kv_map),
           ],
           out_specs=[
-              pl.BlockSpec((None, K, rows, H), lambda b, j, *_: (b, 0, 0, 0)),
-              pl.BlockSpec((None, K, rows, 1), lambda b, j, *_: (b, 0, 0, 0)),
-              pl.BlockSpec((None, K, rows, 1), lambda b, j, *_: (b, 0, 0, 0)),
+              pl.BlockSpec((None, K, rows, H), lambda b, i, j, *_: (b, 0, i, 0)),
+              pl.BlockSpec((None, K, rows, 1), lambda b, i, j, *_: (b, 0, i, 0)),
+              pl.BlockSpec((None, K, rows, 1), lambda b, i, j, *_: (b, 0, i, 0)),
           ],
           scratch_shapes=[pltpu.VMEM((K, rows, 1), jnp.float32),
                           pltpu.VMEM((K, rows, 1), jnp.float32),
@@ -302,13 +312,14 @@ def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k
       ),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary"),
+          dimension_semantics=("parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       cost_estimate=cost,
       name="banded_attention_decode_tpu",
   )(cache_len, qf, k_cache, v_cache)
-  return (acc.reshape(B, K, 1, rows, H), m.reshape(B, K, 1, rows), l.reshape(B, K, 1, rows), T)
+  n = T * G  # the padded query rows (past T) are dropped
+  return (acc[:, :, :n].reshape(B, K, 1, n, H), m[:, :, :n].reshape(B, K, 1, n), l[:, :, :n].reshape(B, K, 1, n), T)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ Run one case per process (XLA_FLAGS must be set before JAX initialises a backend
     python -m pallas_kernels.mxfp4_gmm.aot --target h100 --experts 32 --m 16384 --proj gate_up
 
 prints one JSON line: compile time, XLA memory analysis, and for H100 the Triton kernel's PTX
-statistics from `ptxas -arch=sm_90a -v` (registers, spill bytes, MMA instructions), for TPU the
-kernel's static VMEM footprint (block sizes x double buffering + scratch) vs the scoped limit
-and the `pl.CostEstimate` found in the Mosaic custom call.
-Targets: h100, v5e, v6e, tpu7x. Needs the `aot` extra (libtpu, jax-cuda12-plugin, nvcc).
+statistics from `ptxas -arch=sm_90a -v` (registers, spill bytes, MMA instructions; the other GPUs
+with their own arch), for TPU the kernel's static VMEM footprint (block sizes x double buffering +
+scratch) vs the scoped limit and the `pl.CostEstimate` found in the Mosaic custom call.
+Targets: the GPUs of `pallas_kernels.gpu_targets` (h100, a100-80g, a100-40g, l4, t4), v5e, v6e,
+tpu7x. Needs the `aot` extra (libtpu, jax-cuda12-plugin, nvcc).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import argparse
 import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .. import gpu_targets
 
 TPU_TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "tpu7x": "tpu7x:2x2x1"}
 # Physical VMEM per TensorCore (bytes): v5e/v6e 128 MiB, v7x (tpu7x) 64 MiB.
@@ -35,24 +37,10 @@ def repo_root() -> Path:
   return Path(__file__).resolve().parents[2]
 
 
-def h100_target_config_path() -> Path:
-  return repo_root().parent / "shared" / "reference" / "h100_target_config.txtpb"
-
-
-def ptxas_path() -> str | None:
-  import importlib.util
-  spec = importlib.util.find_spec("nvidia.cuda_nvcc")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  p = Path(list(spec.submodule_search_locations)[0]) / "bin" / "ptxas"
-  return str(p) if p.exists() else None
-
-
 def toolchain_available(target: str) -> bool:
   import importlib.util
-  if target == "h100":
-    return (importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and ptxas_path() is not None
-            and h100_target_config_path().exists())
+  if target in gpu_targets.TARGETS:
+    return gpu_targets.cuda_toolchain_available()
   return importlib.util.find_spec("libtpu") is not None
 
 
@@ -66,14 +54,6 @@ def case_shapes(experts: int, m: int, proj: str):
   return (m, k), (experts, s, kp // 8, n), (experts, s, kp // layout.CHUNK_K, n), (experts, s, n), k, n, s
 
 
-def parse_ptxas(text: str) -> dict:
-  regs = re.findall(r"Used (\d+) registers", text)
-  st = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-  return {"registers": int(regs[-1]) if regs else None,
-          "spill_store_bytes": int(st[-1][0]) if st else None,
-          "spill_load_bytes": int(st[-1][1]) if st else None}
-
-
 def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat16",
              normal_scales: bool = True) -> dict:
   import jax
@@ -83,12 +63,12 @@ def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat1
 
   from . import common, layout
 
-  if target == "h100":
-    topo = topologies.get_topology_desc(platform="cuda", target_config=h100_target_config_path().read_text(),
-                                        topology="1x1x1")
+  gpu = target in gpu_targets.TARGETS
+  if gpu:
+    device = gpu_targets.topology_devices(target, 1)[0]
   else:
-    topo = topologies.get_topology_desc(TPU_TOPOLOGIES[target], platform="tpu")
-  sh = SingleDeviceSharding(topo.devices[0])
+    device = topologies.get_topology_desc(TPU_TOPOLOGIES[target], platform="tpu").devices[0]
+  sh = SingleDeviceSharding(device)
   xs, wqs, wss, bs, k, n, s = case_shapes(experts, m, proj)
   dt = jnp.dtype(dtype)
   from jax.experimental.layout import Format, Layout
@@ -98,7 +78,7 @@ def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat1
     return jax.ShapeDtypeStruct(shape, d, sharding=Format(Layout(tuple(range(len(shape)))), sh))
   epilogue = "swiglu" if proj == "gate_up" else None
 
-  if target == "h100":
+  if gpu:
     from .triton import gmm_triton as kernel_fn
     tiling = common.triton_tiling(m, s)
   else:
@@ -122,7 +102,7 @@ def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat1
     res["hbm_argument_bytes"] = ma.argument_size_in_bytes
     res["hbm_output_bytes"] = ma.output_size_in_bytes
     res["hbm_temp_bytes"] = ma.temp_size_in_bytes
-  if target != "h100":
+  if not gpu:
     from .tpu import VMEM_LIMIT_BYTES, vmem_bytes
     res["vmem_bytes"] = vmem_bytes(m, wqs[2] * 8, n, s, dt.itemsize, dt.itemsize, tiling)
     res["vmem_limit_bytes"] = VMEM_LIMIT_BYTES
@@ -138,17 +118,14 @@ def run_case(target: str, experts: int, m: int, proj: str, dtype: str = "bfloat1
   return res
 
 
-def analyse_ptx(dump_dir: str) -> dict:
+def analyse_ptx(dump_dir: str, target: str = "h100") -> dict:
   files = [f for f in glob.glob(os.path.join(dump_dir, "*.ptx"))
            if ".entry mxfp4_gmm_triton" in Path(f).read_text()]
   if not files:
     return {"ptx_found": False}
   ptx = Path(files[0]).read_text()
-  with tempfile.TemporaryDirectory() as td:
-    p = subprocess.run([ptxas_path(), "-arch=sm_90a", "-v", files[0], "-o", os.path.join(td, "k.cubin")],
-                       capture_output=True, text=True)
-  out = {"ptx_found": True, "ptxas_rc": p.returncode, **parse_ptxas(p.stdout + p.stderr)}
-  mma = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[a-z0-9._]*", ptx)))
+  out = {"ptx_found": True, **gpu_targets.run_ptxas(files[0], target)}
+  mma = gpu_targets.mma_instructions(ptx)
   out["mma_instructions"] = mma
   out["tf32_mma"] = any("tf32" in x for x in mma)
   return out
@@ -156,7 +133,7 @@ def analyse_ptx(dump_dir: str) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--target", required=True, choices=["h100", *TPU_TOPOLOGIES])
+  ap.add_argument("--target", required=True, choices=[*gpu_targets.TARGETS, *TPU_TOPOLOGIES])
   ap.add_argument("--experts", type=int, default=32)
   ap.add_argument("--m", type=int, required=True)
   ap.add_argument("--proj", choices=["gate_up", "down"], default="gate_up")
@@ -164,11 +141,12 @@ def main(argv=None):
   ap.add_argument("--exact-decode", action="store_true", help="general decoder (any E8M0 scale)")
   a = ap.parse_args(argv)
   with tempfile.TemporaryDirectory() as dump:
-    if a.target == "h100":
+    gpu = a.target in gpu_targets.TARGETS
+    if gpu:
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
     res = run_case(a.target, a.experts, a.m, a.proj, a.dtype, normal_scales=not a.exact_decode)
-    if a.target == "h100":
-      res.update(analyse_ptx(dump))
+    if gpu:
+      res.update(analyse_ptx(dump, a.target))
   print("AOT_RESULT " + json.dumps(res))
 
 

@@ -332,6 +332,12 @@ AOT_H100_CASES = [
     ("h100", 128, 16384, "down", "bfloat16", False), ("h100", 32, 16384, "gate_up", "bfloat16", True),
     ("h100", 32, 2048, "gate_up", "bfloat16", False),
 ]
+# Ampere / Ada (mma.sync bf16 from sm_80): decode and prefill of 20b. The H100 tilings spill a few
+# bytes there (sm_80 / sm_89: up to 8 bytes at 96-255 registers; none on H100).
+AOT_PRE_HOPPER_CASES = [
+    ("a100-40g", 32, 16384, "gate_up", "bfloat16", False), ("l4", 32, 8, "gate_up", "bfloat16", False),
+]
+PRE_HOPPER_SPILL_BYTES = 16
 AOT_ARGS = "target,experts,m,proj,dtype,exact"
 
 
@@ -353,13 +359,16 @@ def test_aot_tpu_compile(target, experts, m, proj, dtype, exact):
 
 
 @pytest.mark.aot
-@pytest.mark.parametrize(AOT_ARGS, AOT_H100_CASES)
-def test_aot_h100_compile_ptx(target, experts, m, proj, dtype, exact):
-  if not aot.toolchain_available("h100"):
-    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) or the H100 target config missing")
+@pytest.mark.parametrize(AOT_ARGS, AOT_H100_CASES + AOT_PRE_HOPPER_CASES)
+def test_aot_gpu_compile_ptx(target, experts, m, proj, dtype, exact):
+  """The Triton kernel compiles for the GPU to bf16 MMA (never tf32) and assembles with ptxas for its
+  arch (sm_90a, sm_80, sm_89): registers, spills, no relayout temporaries."""
+  if not aot.toolchain_available(target):
+    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) missing")
   res = aot.run_subprocess(target, experts, m, proj, dtype, exact_decode=exact)
+  spill_limit = 0 if target == "h100" else PRE_HOPPER_SPILL_BYTES
   assert res["ptx_found"] and res["ptxas_rc"] == 0, res
-  assert res["spill_store_bytes"] == 0 and res["spill_load_bytes"] == 0, res
+  assert res["spill_store_bytes"] <= spill_limit and res["spill_load_bytes"] <= spill_limit, res
   assert res["registers"] <= 255, res
   assert any("bf16" in i for i in res["mma_instructions"]), res
   assert not res["tf32_mma"], res
