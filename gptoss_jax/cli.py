@@ -420,7 +420,7 @@ def _cmd_serve(args):
         serve(args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
               max_seqs=args.max_seqs, max_len=args.max_len, prefill_chunk=args.prefill_chunk, mesh=args.mesh,
               kernels=args.kernels, dtype=args.dtype, api_key=args.api_key, max_waiting=args.max_waiting,
-              toolbox=toolbox)
+              toolbox=toolbox, kv_cache_gb=args.kv_cache_gb)
     finally:
         if toolbox is not None:
             toolbox.close()
@@ -440,8 +440,13 @@ def _add_serve_parser(sub):
     s.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="requests queued beyond the slots before 503")
     s.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4,model=1 (default: one device)")
-    s.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto")
-    s.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    s.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="the paged KV cache per device in GB (default: every slot can reach --max-len); "
+                        "requests wait or are preempted when it is full, and the startup line says how many "
+                        "tokens it holds")
+    s.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="compute dtype (auto: what the device runs natively, float16 on a T4)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $GPTOSS_API_KEY)")
     _add_tool_options(s)
     s.set_defaults(fn=_cmd_serve)

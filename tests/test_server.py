@@ -452,9 +452,13 @@ def test_disconnect_frees_the_slot_and_a_full_queue_gets_503_and_api_key(model):
 
 
 # ---- the command ------------------------------------------------------------------------------------
-def test_the_serve_command_starts_quietly_and_serves(ckpt):
+def test_the_serve_command_starts_quietly_and_serves(ckpt, model):
+    from gptoss_jax.kv import PagedCache
+
+    kv_gb = 0.0005  # the paged KV budget: the startup line says how many tokens it holds
     cmd = [sys.executable, "-m", "gptoss_jax.cli", "serve", "--model", ckpt, "--port", "0", "--max-seqs", "2",
-           "--max-len", "128", "--prefill-chunk", "32", "--dtype", "float32", "--kernels", "xla"]
+           "--max-len", "128", "--prefill-chunk", "32", "--dtype", "float32", "--kernels", "xla",
+           "--kv-cache-gb", str(kv_gb)]
     proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines = []
@@ -476,6 +480,8 @@ def test_the_serve_command_starts_quietly_and_serves(ckpt):
             rest = proc.communicate()[1]
     log = "".join(lines) + rest
     assert [ln.split()[0] for ln in lines if ln.strip()] == ["loading", "compiling", "listening"], log
+    tokens = PagedCache.create(model, 2, 128, kv_cache_bytes=int(kv_gb * 1e9)).tokens_per_device()
+    assert f"KV cache {tokens} tokens per device" in log, log
     assert "Traceback" not in log
     assert re.search(r"prompt=\d+ completion=\d+ ttft=", log), log  # one line per request
 
@@ -483,6 +489,7 @@ def test_the_serve_command_starts_quietly_and_serves(ckpt):
 @pytest.mark.parametrize("args, match", [(["--max-seqs", "0"], "--max-seqs must be >= 1"),
                                          (["--max-waiting", "-1"], "--max-waiting must be >= 0"),
                                          (["--port", "70000"], "--port must be in"),
+                                         (["--kv-cache-gb", "0"], "--kv-cache-gb must be a positive number"),
                                          (["--max-len", str(CFG.max_position_embeddings + 1)], "exceeds the model's context")])
 def test_bad_serve_options_are_one_line_errors(ckpt, capsys, args, match):
     from gptoss_jax.cli import main

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -48,10 +49,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str, *, served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_seqs: int = 16, max_len: int = 8192, prefill_chunk: int = 512, mesh: str | None = None,
-          kernels: str = "auto", dtype: str = "bfloat16", api_key: str | None = None,
-          max_waiting: int = DEFAULT_MAX_WAITING, toolbox: Toolbox | None = None) -> None:
+          kernels: str = "auto", dtype: str = "auto", api_key: str | None = None,
+          max_waiting: int = DEFAULT_MAX_WAITING, toolbox: Toolbox | None = None,
+          kv_cache_gb: float | None = None) -> None:
     """Serve until interrupted. `toolbox`: the built-in tools Responses requests may use (the caller
-    closes it; the server closes its sessions when it stops)."""
+    closes it; the server closes its sessions when it stops). `kv_cache_gb`: the engine's paged KV
+    cache per device (None: every slot can reach `max_len`)."""
     import uvicorn
 
     from ..api import load_model
@@ -63,6 +66,8 @@ def serve(model: str, *, served_model_name: str | None = None, host: str = "127.
             raise ValueError(f"{name} must be >= {least}, got {v}")
     if not 0 <= port <= MAX_PORT:
         raise ValueError(f"--port must be in [0, {MAX_PORT}], got {port}")
+    if kv_cache_gb is not None and not (math.isfinite(kv_cache_gb) and kv_cache_gb > 0):
+        raise ValueError(f"--kv-cache-gb must be a positive number of GB, got {kv_cache_gb}")
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     sock = bind(host, port)  # a taken port fails now, not after a long load
     mesh_obj = None
@@ -75,8 +80,10 @@ def serve(model: str, *, served_model_name: str | None = None, host: str = "127.
     if max_len > m.config.max_position_embeddings:
         raise ValueError(f"--max-len {max_len} exceeds the model's context of {m.config.max_position_embeddings}")
     engine = Engine(m, max_seqs=max_seqs, max_len=max_len, prefill_chunk=prefill_chunk,
-                    top_logprobs=MAX_TOP_LOGPROBS_CHAT)
-    say(f"compiling (max_seqs={max_seqs}, max_len={max_len}, kernels={m.kernels}) ...")
+                    top_logprobs=MAX_TOP_LOGPROBS_CHAT,
+                    kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 1e9))
+    kv = f", KV cache {engine.kv.tokens_per_device()} tokens per device" if engine.pages is not None else ""
+    say(f"compiling (max_seqs={max_seqs}, max_len={max_len}, kernels={m.kernels}{kv}) ...")
     warm_up(engine)
     app = create_app(engine, ServerConfig(served_model_name or served_name(model), api_key=api_key,
                                           max_waiting=max_waiting), toolbox)
