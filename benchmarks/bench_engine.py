@@ -157,9 +157,9 @@ def replay_baseline(reqs, arrivals, durations):
 def warm_up(model, eng, reqs, chunk, baseline=True):
     """Every compiled shape once: the engine's prefill buckets / chunk variants and decode step, and
     generate()'s (prompt bucket, cache bucket, decode bucket) combinations of this mix."""
-    from gptoss_jax.generate import MIN_BUCKET, _next_pow2, decode_bucket
+    from gptoss_jax.generate import MIN_BUCKET, next_pow2, decode_bucket
 
-    lens = sorted({min(max(MIN_BUCKET, _next_pow2(len(r["prompt"]))), chunk) for r in reqs}) + [chunk + 1, 2 * chunk + 1]
+    lens = sorted({min(max(MIN_BUCKET, next_pow2(len(r["prompt"]))), chunk) for r in reqs}) + [chunk + 1, 2 * chunk + 1]
     for i, n in enumerate(n for n in lens if n + 2 <= eng.max_len):
         eng.add_request([1] * n, params_of(dict(max_tokens=2, temperature=0.7, top_p=0.9, seed=0)), request_id=f"w{i}")
     while eng.has_unfinished_requests():
@@ -170,8 +170,8 @@ def warm_up(model, eng, reqs, chunk, baseline=True):
     cfg = model.config
     for r in reqs:
         L, m = len(r["prompt"]), r["max_tokens"]
-        T = min(max(MIN_BUCKET, _next_pow2(L)), chunk)
-        key = (T, -(-L // T) > 1, min(max(_next_pow2(L + decode_bucket(m)), 64), cfg.max_position_embeddings),
+        T = min(max(MIN_BUCKET, next_pow2(L)), chunk)
+        key = (T, -(-L // T) > 1, min(max(next_pow2(L + decode_bucket(m)), 64), cfg.max_position_embeddings),
                decode_bucket(m))
         if key not in seen:  # the shortest max_tokens of the same decode bucket compiles the same
             seen.add(key)

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .generate import MIN_BUCKET, STOP_SLOTS, _next_pow2
+from .generate import MIN_BUCKET, STOP_SLOTS, next_pow2
 from .kv import BlockTables, PagedCache, PagePool, SlotCache, free_device_bytes
 from .model import GptOss
 from .sampling import sample_rows, token_logprobs, validate_sampling
@@ -578,7 +578,7 @@ class Engine:
     def _chunk_bucket(self, n: int) -> int:
         """Chunk size for n tokens to prefill: generate's cut (the next power of two, at least 16, at
         most prefill_chunk), so a request without a prefix hit is chunked as generate() chunks it."""
-        return min(max(MIN_BUCKET, _next_pow2(n)), self.prefill_chunk)
+        return min(max(MIN_BUCKET, next_pow2(n)), self.prefill_chunk)
 
     # ---- scheduling (host only, process 0 decides) --------------------------------------------
     def _apply(self, journal) -> None:
@@ -1019,7 +1019,7 @@ def _broadcast_plan(plan, source: bool) -> dict:
     if n <= HEADER_BYTES - 4:
         data = buf[4:4 + n].tobytes()
     else:
-        big = np.zeros(_next_pow2(n), np.uint8)
+        big = np.zeros(next_pow2(n), np.uint8)
         if source:
             big[:n] = np.frombuffer(data, np.uint8)
         data = _broadcast(big, source)[:n].tobytes()

@@ -65,7 +65,7 @@ class SamplingState:
                    stop_tokens=jnp.asarray(stops, jnp.int32), pad_id=jnp.asarray(pad_id, jnp.int32))
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -125,7 +125,7 @@ def prepare_prompts(input_ids, vocab_size: int, prompt_lengths=None) -> tuple[np
 def decode_bucket(max_new_tokens: int) -> int:
     """Static length of the decode loop: max_new_tokens rounded up to a power of two (>= MIN_BUCKET),
     so the values of one bucket share a compile (the loop stops at the traced count)."""
-    return max(MIN_BUCKET, _next_pow2(max_new_tokens))
+    return max(MIN_BUCKET, next_pow2(max_new_tokens))
 
 
 def _pick(logits_BV, s: SamplingState, i):
@@ -231,7 +231,7 @@ def _setup(model: GptOss, input_ids, max_new_tokens, temperature, top_p, top_k, 
                              stop_tokens=stops, pad_id=int(pad))
     s = s.replace(**{f: model.runtime.place_batch(getattr(s, f)) for f in ("temperature", "top_p", "top_k", "key_data")})
     # the cache holds the whole decode bucket, so max_new_tokens values of one bucket share a compile
-    max_len = min(max(_next_pow2(longest + decode_bucket(max_new_tokens)), 64), cfg.max_position_embeddings)
+    max_len = min(max(next_pow2(longest + decode_bucket(max_new_tokens)), 64), cfg.max_position_embeddings)
     return ids, lengths, s, max_len, max(MIN_BUCKET, int(prefill_chunk))
 
 
@@ -239,7 +239,7 @@ def _prefill(model: GptOss, graphdef, state, ids, lengths, max_len, chunk):
     """Bucketed (power-of-two, chunk-capped) prefill; returns (cache, logits at each row's last token).
     Host arrays enter as global arrays (`Runtime.place_batch`), so this runs on several processes too."""
     B, longest = ids.shape
-    T = min(max(MIN_BUCKET, _next_pow2(longest)), chunk)
+    T = min(max(MIN_BUCKET, next_pow2(longest)), chunk)
     n_chunks = -(-longest // T)
     padded = np.zeros((B, n_chunks * T), np.int32)
     padded[:, :longest] = ids

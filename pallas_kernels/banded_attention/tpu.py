@@ -49,7 +49,7 @@ def _mm(a, b, dims):
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _online_softmax_update(q_ref, k_ref, v_ref, vis, v_ok, scale, m_sc, l_sc, acc_sc, n_heads_kv):
+def online_softmax_update(q_ref, k_ref, v_ref, vis, v_ok, scale, m_sc, l_sc, acc_sc, n_heads_kv):
   """One KV block of the flash-attention recurrence for every kv head h (its q heads are the rows of
   q_ref[h]): masked logits, running max / denominator / accumulator in VMEM scratch."""
   for h in range(n_heads_kv):
@@ -123,7 +123,7 @@ def _prefill_kernel(qoff_ref, kvlen_ref, sink_ref, q_ref, k_ref, v_ref, o_ref, *
     kcol = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     # every q head sharing kv head h is a row of q_ref[h]; rows past kv_len (or the padded edge
     # block) may hold garbage: their V rows are zeroed (0 * NaN guard)
-    _online_softmax_update(q_ref, k_ref, v_ref, vis, kcol < kvlen, scale, m_sc, l_sc, acc_sc, n_heads_kv)
+    online_softmax_update(q_ref, k_ref, v_ref, vis, kcol < kvlen, scale, m_sc, l_sc, acc_sc, n_heads_kv)
 
   @pl.when(j == n_kv - 1)
   def _fin():
@@ -247,7 +247,7 @@ def _decode_kernel(clen_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, m_sc, l
       qpos = clen + i * t_len + _div(r, g)
       vis = vis & (pos > qpos - window)
     kcol = kb * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-    _online_softmax_update(q_ref, k_ref, v_ref, vis, kcol < n_valid, scale, m_sc, l_sc, acc_sc, n_heads_kv)
+    online_softmax_update(q_ref, k_ref, v_ref, vis, kcol < n_valid, scale, m_sc, l_sc, acc_sc, n_heads_kv)
 
   @pl.when(j == n_kv - 1)
   def _fin():

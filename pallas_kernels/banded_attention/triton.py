@@ -29,15 +29,29 @@ LN2 = math.log(2.0)
 _NEG = -1e30  # finite floor for the running max (keeps exp2(m_prev - m_new) NaN-free)
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
   return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _dot(a, b, **kw):
+def dot(a, b, **kw):
   # f32 inputs: true f32 MMA operands (no tf32); bf16 inputs: bf16 MMA, f32 accumulation
   if a.dtype == jnp.float32 or b.dtype == jnp.float32:
     kw["allow_tf32"] = False
   return plgpu.dot(a, b, **kw)
+
+
+def online_softmax_step(q, k, v, vis, scale2, carry):
+  """One key block of the base-2 online softmax (shared with the paged kernel): the scores of `q`
+  against `k` scaled by `scale2` (sm_scale * log2 e), hidden where not `vis` [rows, bk], folded
+  into the running (acc, m, l)."""
+  acc, m, l = carry
+  s = jnp.where(vis, dot(q, k, trans_b=True) * scale2, -jnp.inf)  # f32 [rows, bk]
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l = l * alpha + jnp.sum(p, axis=1)
+  acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
+  return acc, m_new, l
 
 
 def _fold_rows(x, bq, g):
@@ -73,22 +87,14 @@ def _prefill_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, sink_ref, o_ref, *
   kb_lo, kb_hi = common.kv_block_range(qoff, kvlen, t0, window=window, bq=bq, bk=bk, t_len=t_len)
 
   def body(kb, carry):
-    acc, m, l = carry
     kpos = kb * bk + jnp.arange(bk, dtype=jnp.int32)
     kin = kpos < kvlen
     k = plgpu.load(k_ref.at[pl.ds(kb * bk, bk)], mask=kin[:, None], other=0.0)
     v = plgpu.load(v_ref.at[pl.ds(kb * bk, bk)], mask=kin[:, None], other=0.0)
-    s = _dot(q, k, trans_b=True) * scale2  # f32 [rows, bk]
     vis = (kpos[None, :] <= qpos[:, None]) & kin[None, :]
     if window is not None:
       vis &= kpos[None, :] > (qpos[:, None] - window)
-    s = jnp.where(vis, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return online_softmax_step(q, k, v, vis, scale2, carry)
 
   acc, m, l = lax.fori_loop(kb_lo, kb_hi, body, (acc0, m0, l0))
   l_safe = jnp.where(l > 0, l, 1.0)
@@ -111,11 +117,11 @@ def prefill_forward(q, k, v, sinks, q_offset, kv_len, *, window, sm_scale, block
   f32 = q.dtype == jnp.float32
   if block_q is None:  # f32 runs on FMA (no tf32): smaller tiles keep it spill-free
     block_q = max(1, (32 if f32 else 128) // G)
-    block_q = max(min(block_q, _next_pow2(T)), max(1, 16 // G))
+    block_q = max(min(block_q, next_pow2(T)), max(1, 16 // G))
   if f32:
     block_k = min(block_k, 32)
   rows = block_q * G
-  block_k = max(16, min(block_k, _next_pow2(S)))
+  block_k = max(16, min(block_k, next_pow2(S)))
   if num_warps is None:
     num_warps = 8 if rows >= 128 else 4
   nq = pl.cdiv(T, block_q)
@@ -178,23 +184,15 @@ def _decode_kernel(clen_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scal
   kb_hi = jnp.minimum(lax.div(s_hi + bk - 1, bk), (sp + 1) * blocks_per_split)
 
   def body(kb, carry):
-    acc, m, l = carry
     slot = kb * bk + jnp.arange(bk, dtype=jnp.int32)
     sin = slot < n_valid
     k = plgpu.load(k_ref.at[pl.ds(kb * bk, bk)], mask=sin[:, None], other=0.0)
     v = plgpu.load(v_ref.at[pl.ds(kb * bk, bk)], mask=sin[:, None], other=0.0)
-    s = _dot(q, k, trans_b=True) * scale2
     pos = clen - 1 - lax.rem(clen - 1 - slot + s_cache, s_cache)
     vis = (sin & (pos >= 0))[None, :]
     if window is not None:
       vis = vis & (pos[None, :] > qpos[:, None] - window)
-    s = jnp.where(vis, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return online_softmax_step(q, k, v, vis, scale2, carry)
 
   acc0 = jnp.zeros((rows, q.shape[-1]), jnp.float32)
   m0 = jnp.full((rows,), _NEG, jnp.float32)
@@ -214,10 +212,10 @@ def decode_partials(q, k_cache, v_cache, cache_len, *, window, sm_scale, block_k
   G = N // K
   # query rows per program: >= 16 (MMA minimum), <= 128 (registers); chunked prefill with
   # T*G > 128 gets a q-block grid axis
-  block_q = max(min(_next_pow2(T), max(1, 128 // G)), max(1, 16 // G))
+  block_q = max(min(next_pow2(T), max(1, 128 // G)), max(1, 16 // G))
   n_qb = pl.cdiv(T, block_q)
   rows = block_q * G
-  block_k = max(16, min(block_k, _next_pow2(Sc)))
+  block_k = max(16, min(block_k, next_pow2(Sc)))
   n_blocks = pl.cdiv(Sc, block_k)
   if num_splits is None:
     num_splits = max(1, min(n_blocks, pl.cdiv(264, B * K)))  # ~2 waves on 132 SMs
@@ -297,12 +295,12 @@ def _dkdv_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     vis = (kpos[None, :] <= qpos[:, None]) & kin[None, :]
     if window is not None:
       vis &= kpos[None, :] > (qpos[:, None] - window)
-    s = _dot(q, k, trans_b=True) * scale2
+    s = dot(q, k, trans_b=True) * scale2
     p = jnp.where(vis, jnp.exp2(s - lse2[:, None]), 0.0)  # [rows, bk]
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-    dp = _dot(do, v, trans_b=True)
+    dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
+    dp = dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   hd = k.shape[-1]
@@ -339,11 +337,11 @@ def _dq_kernel(qoff_ref, kvlen_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     vis = (kpos[None, :] <= qpos[:, None]) & kin[None, :]
     if window is not None:
       vis &= kpos[None, :] > (qpos[:, None] - window)
-    s = _dot(q, k, trans_b=True) * scale2
+    s = dot(q, k, trans_b=True) * scale2
     p = jnp.where(vis, jnp.exp2(s - lse2[:, None]), 0.0)
-    dp = _dot(do, v, trans_b=True)
+    dp = dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(kb_lo, kb_hi, body,
                      jnp.zeros((rows, q.shape[-1]), jnp.float32))
@@ -358,8 +356,8 @@ def prefill_backward(q, k, v, out, lse, do, q_offset, kv_len, *, window, sm_scal
   S, K = k.shape[1], k.shape[2]
   G = N // K
   if block_q is None:
-    block_q = max(min(max(1, 64 // G), _next_pow2(T)), max(1, 16 // G))
-  block_k = max(16, min(block_k, _next_pow2(S)))
+    block_q = max(min(max(1, 64 // G), next_pow2(T)), max(1, 16 // G))
+  block_k = max(16, min(block_k, next_pow2(S)))
   if num_warps is None:
     num_warps = 4
   q5, do5 = q.reshape(B, T, K, G, H), do.reshape(B, T, K, G, H)

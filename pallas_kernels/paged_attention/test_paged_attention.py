@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import subprocess
 import sys
 
@@ -33,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cost
+from pallas_kernels import cost, gpu_targets
 from pallas_kernels import paged_attention as pa
 from pallas_kernels.impl import Impl
 from pallas_kernels.mxfp4_gmm import aot as aot_tools
@@ -350,8 +349,8 @@ def test_aot_tpu(topo_name):
 
 @pytest.mark.aot
 def test_aot_h100_ptxas(tmp_path):
-  if not aot_tools.toolchain_available("h100"):
-    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) or the H100 target config missing")
+  if not gpu_targets.cuda_toolchain_available():
+    pytest.skip("jax-cuda12-plugin / nvcc (the `aot` extra) missing")
   # the CUDA topology needs JAX_PLATFORMS=cpu at jax import: compile in a fresh interpreter
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -364,14 +363,13 @@ def test_aot_h100_ptxas(tmp_path):
     assert len(ptx) == 1, (case, ptx)
     src = open(ptx[0]).read()
     assert ".target sm_90a" in src and "tf32" not in src, case
-    mma = set(re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", src))
+    mma = set(gpu_targets.mma_instructions(src))
     if case.endswith("f32"):  # f32 pages: true f32 products on FMA, no reduced precision
       assert not any(".bf16" in x or ".f16" in x for x in mma), (case, mma)
     else:
       assert mma and all(".bf16.bf16" in x for x in mma), (case, mma)
-    out = subprocess.run([aot_tools.ptxas_path(), "-arch=sm_90a", "-v", ptx[0], "-o", os.devnull],
-                         capture_output=True, text=True, check=True)
-    st = aot_tools.parse_ptxas(out.stdout + out.stderr)
+    st = gpu_targets.run_ptxas(ptx[0], "h100")
+    assert st["ptxas_rc"] == 0, (case, st)
     assert st["spill_store_bytes"] == 0 and st["spill_load_bytes"] == 0, (case, st)
     assert st["registers"] is not None and st["registers"] <= 255, (case, st)
     seen[case] = (st["registers"], sorted(mma))
@@ -379,14 +377,10 @@ def test_aot_h100_ptxas(tmp_path):
 
 
 def _h100_compile(dump_root):
-  from jax.experimental import topologies
-  topo = topologies.get_topology_desc(
-      platform="cuda", target_config=aot_tools.h100_target_config_path().read_text(),
-      topology="1x1x1")
+  device = gpu_targets.topology_devices("h100", 1)[0]
   for name, B, T, M, window in AOT_CASES:
-    _aot_compile(topo.devices[0], "triton", name, B, T, M, window, dump=dump_root)
-  _aot_compile(topo.devices[0], "triton", "chunk512_f32", 1, 512, 256, 128, dtype=jnp.float32,
-               dump=dump_root)
+    _aot_compile(device, "triton", name, B, T, M, window, dump=dump_root)
+  _aot_compile(device, "triton", "chunk512_f32", 1, 512, 256, 128, dtype=jnp.float32, dump=dump_root)
 
 
 if __name__ == "__main__":

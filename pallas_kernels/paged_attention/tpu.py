@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ..banded_attention.tpu import _online_softmax_update
+from ..banded_attention.tpu import online_softmax_update
 from . import common
 
 _NEG = -1e30
@@ -161,7 +161,7 @@ def _kernel(qs_ref, nn_ref, bt_ref, sink_ref, q_ref, k_hbm, v_hbm, o_ref, kbuf, 
     # slots outside [k_lo, k_hi) (the first page before the window, the last page's tail,
     # stale slots of a partial step) are never trusted: V zeroed (0 * NaN guard)
     v_ok = (kcol >= k_lo) & (kcol < k_hi)
-    _online_softmax_update(q_ref, kbuf.at[slot], vbuf.at[slot], vis, v_ok, scale, m_sc, l_sc,
+    online_softmax_update(q_ref, kbuf.at[slot], vbuf.at[slot], vis, v_ok, scale, m_sc, l_sc,
                            acc_sc, n_kv_heads)
     return carry
 

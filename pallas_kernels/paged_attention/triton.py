@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..banded_attention.triton import dot, next_pow2, online_softmax_step
 from . import common
 
 LOG2E = math.log2(math.e)
@@ -35,24 +36,13 @@ _NEG = -1e30  # finite floor of the running max: exp2(m_prev - m_new) stays NaN-
 SM_COUNT = 132  # H100 SXM
 
 
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _dot(a, b, **kw):
-  # f32 inputs: true f32 products (no tf32); bf16 inputs: bf16 MMA, f32 accumulation
-  if a.dtype == jnp.float32 or b.dtype == jnp.float32:
-    kw["allow_tf32"] = False
-  return plgpu.dot(a, b, **kw)
-
-
 def tiling(t_len: int, groups: int, dtype) -> tuple[int, int, int]:
   """(BQ, BK, num_warps): BQ*G query rows per program, >= 16 (MMA minimum) and <= 128
   (registers; 32 for f32, which runs on FMA); BK = 128 keys per step for decode-sized tiles,
   64 (32 for f32) next to 128 rows."""
   f32 = jnp.dtype(dtype) == jnp.float32
   cap = 32 if f32 else 128
-  bq = max(min(_next_pow2(t_len), max(1, cap // groups)), max(1, 16 // groups))
+  bq = max(min(next_pow2(t_len), max(1, cap // groups)), max(1, 16 // groups))
   rows = bq * groups
   if f32:
     bk = 32
@@ -102,7 +92,6 @@ def _kernel(qs_ref, nn_ref, bt_ref, q_ref, k_ref, v_ref, sink_ref, *out_refs, sc
   col = jnp.arange(q.shape[-1], dtype=jnp.int32)
 
   def body(kb, carry):
-    acc, m, l = carry
     kp = kb * bk + jnp.arange(bk, dtype=jnp.int32)
     kin = (kp >= k_lo) & (kp < k_hi)
     lp = lax.div(kp, S)
@@ -110,17 +99,10 @@ def _kernel(qs_ref, nn_ref, bt_ref, q_ref, k_ref, v_ref, sink_ref, *out_refs, sc
     at = (phys[:, None], (kp - lp * S)[:, None], col[None, :])
     k = plgpu.load(k_ref.at[at], mask=kin[:, None], other=0.0)
     v = plgpu.load(v_ref.at[at], mask=kin[:, None], other=0.0)
-    s = _dot(q, k, trans_b=True) * scale2  # f32 [rows, bk]
     vis = (kp[None, :] <= qpos[:, None]) & kin[None, :] & row_ok[:, None]
     if window is not None:
       vis &= kp[None, :] > (qpos[:, None] - window)
-    s = jnp.where(vis, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return online_softmax_step(q, k, v, vis, scale2, carry)
 
   acc, m, l = lax.fori_loop(my_lo, my_hi, body, (acc0, m0, l0))
   if finalize:
