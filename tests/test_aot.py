@@ -46,10 +46,11 @@ def test_20b_fits_one_h100_at_8k():
 
 
 def test_20b_fits_one_tpu_v5e_chip_at_8k():
-    p = _plan("tpu-v5e", "gpt-oss-20b", devices=1, batch=1, max_len=8192, kernels="xla")
-    assert 13.5 * GB < p["argument_bytes"] < 14.5 * GB
+    # the Pallas path, what kernels="auto" runs on a TPU (its compile is also 2x faster than XLA's here)
+    p = _plan("tpu-v5e", "gpt-oss-20b", devices=1, batch=1, max_len=8192, kernels="pallas")
+    assert 13.5 * GB < p["argument_bytes"] < 14.5 * GB  # kernel layout: +1.4% K padding over 13.97 GB
     assert p["device_memory_bytes"] == 16 * 2 ** 30
-    # one layer of dequantized experts (32 x 49.8 MB in bf16) plus activations, not all 24 layers
+    # activations and one chunk's attention, never a dequantized expert layer
     assert p["temp_bytes"] < 2.5 * GB
     assert p["fits"], p
 
@@ -62,15 +63,17 @@ def test_120b_fits_one_h100_at_8k():
 
 
 def test_120b_fits_tpu_v5e_8_expert_parallel():
-    p = _plan("tpu-v5e", "gpt-oss-120b", mesh_shape={"expert": 8}, batch=1, max_len=8192, kernels="xla")
+    p = _plan("tpu-v5e", "gpt-oss-120b", mesh_shape={"expert": 8}, batch=1, max_len=8192, kernels="pallas")
     cfg = preset("gpt-oss-120b")
     total = _param_bytes("gpt-oss-120b")
     E, D, F = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     expert_bytes = cfg.num_hidden_layers * E * (2 * F * D // 2 + 2 * F * D // 32 + D * F // 2 + D * F // 32
                                                 + 2 * (2 * F + D))
     dense = total - expert_bytes
-    # per device: 1/8 of the experts + the replicated dense weights + the cache
-    assert dense + expert_bytes / 8 < p["argument_bytes"] < dense + expert_bytes / 8 + 0.6 * GB
+    # per device: 1/8 of the experts (kernel layout: K padded 2880 -> 2944) + the replicated dense
+    # weights + the cache
+    padded = -(-D // 128) * 128
+    assert dense + expert_bytes / 8 < p["argument_bytes"] < dense + expert_bytes / 8 * padded / D + 0.6 * GB
     assert p["argument_bytes"] < total / 4
     assert p["fits"], p
 
