@@ -17,11 +17,10 @@ jax.config.update("jax_default_matmul_precision", "highest")  # f32 parity tests
 
 # scripts/test hands whole files to two workers in collection order (--dist loadfile
 # --no-loadscope-reorder): the longest files go first, so both workers finish together.
-LONGEST_FIRST = ("test_sharding.py", "test_aot.py", "test_engine.py", "test_finetune.py", "test_server.py",
-                 "test_structured.py",
-                 "test_tool_loop.py", "test_generate.py", "test_banded_attention.py", "test_paged_attention.py",
-                 "test_notebooks.py", "test_mxfp4_gmm.py", "test_moe.py", "test_parity.py", "test_tools.py",
-                 "test_validation.py")
+LONGEST_FIRST = ("test_aot.py", "test_banded_attention.py", "test_sharding.py", "test_engine.py", "test_finetune.py",
+                 "test_mxfp4_gmm.py", "test_paged.py", "test_generate.py", "test_server.py", "test_notebooks.py",
+                 "test_structured.py", "test_targets.py", "test_paged_attention.py", "test_parity.py",
+                 "test_cpu_kernels.py", "test_moe.py", "test_sampling.py", "test_tool_loop.py", "test_validation.py")
 
 
 def pytest_collection_modifyitems(items):
