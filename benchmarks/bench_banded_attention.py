@@ -119,15 +119,23 @@ def _time(fn, *args, iters=20):
   return (time.perf_counter() - t) / iters * 1e6
 
 
+def on_device() -> bool:
+  """Whether an accelerator runs this benchmark; prints the timings' header, or why there are none."""
+  import jax
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cuda", "tpu"):
+    print(f"\n[device timings skipped: backend is {backend!r}; no CPU / interpret timings]")
+    return False
+  print(f"\nDEVICE TIMINGS on {jax.devices()[0].device_kind} (mean of 20 runs after warm-up)")
+  return True
+
+
 def device_report():
   import jax
   import jax.numpy as jnp
   from pallas_kernels.banded_attention import attention, decode_attention
-  backend = jax.default_backend()
-  if backend not in ("gpu", "cuda", "tpu"):
-    print(f"\n[device timings skipped: backend is {backend!r}; no CPU / interpret timings]")
+  if not on_device():
     return
-  print(f"\nDEVICE TIMINGS on {jax.devices()[0].device_kind} (mean of 20 runs after warm-up)")
   key = jax.random.PRNGKey(0)
   for T, W in [(4096, 128), (4096, None)]:
     q = jax.random.normal(key, (1, T, N, H), jnp.bfloat16)

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo (pallas_kernels)
 
 # the same targets (HBM bytes/s, dense bf16 flop/s), roofline and timer as the banded kernel's
-from bench_banded_attention import BF16, TARGETS, H, K, N, _time, roofline_us  # noqa: E402
+from bench_banded_attention import BF16, TARGETS, H, K, N, _time, on_device, roofline_us  # noqa: E402
 G = N // K
 S = 128  # pallas_kernels.paged_attention.DEFAULT_PAGE_SIZE
 TPU_LANE_PAD = 2  # [P, S, 8, 64] bf16 occupies 2x its bytes in TPU HBM (64 of 128 lanes)
@@ -110,11 +110,8 @@ def device_report():
 
   from pallas_kernels.banded_attention import decode_attention
   from pallas_kernels.paged_attention import paged_attention, reference
-  backend = jax.default_backend()
-  if backend not in ("gpu", "cuda", "tpu"):
-    print(f"\n[device timings skipped: backend is {backend!r}; no CPU / interpret timings]")
+  if not on_device():
     return
-  print(f"\nDEVICE TIMINGS on {jax.devices()[0].device_kind} (mean of 20 runs after warm-up)")
   key = jax.random.PRNGKey(0)
   for B, L, T, W in CASES:
     M = _cdiv(L, S)
