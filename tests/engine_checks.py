@@ -3,6 +3,8 @@ CPU device count set, which the pytest process cannot change).
 
   python tests/engine_checks.py mesh CKPT OUT.json              1 process, 4 CPU devices
   python tests/engine_checks.py host I PORT CKPT OUT            process I of 2 (2 CPU devices each)
+  python tests/engine_checks.py structured CKPT OUT.json        1 process, 4 CPU devices: constrained
+                                                                requests (tests/test_structured.py)
 
 Both run the same requests (the 12 staggered greedy ones, the sampled ones and two sharing a prefix)
 through an engine on a (data=2, expert=1, model=2) mesh: 4 slots over data, kv heads over model, a
@@ -76,6 +78,20 @@ def run_mesh(ckpt, out):
         json.dump(results, f)
 
 
+def run_structured(ckpt, out):
+    """test_structured's mixed batch (constrained and free requests) on Auto and Explicit meshes."""
+    from gptoss_jax import load_model
+    from gptoss_jax import sharding as shd
+    from test_structured import run_mixed_batch
+
+    results = {}
+    for kind, mesh in (("auto", shd.make_mesh(*MESH)), ("explicit", jax.make_mesh(MESH, shd.AXES))):
+        model = load_model(ckpt, dtype="float32", kernels="xla", progress=False, mesh=mesh)
+        results[kind] = run_mixed_batch(model)
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
 def run_host(i, port, ckpt, out):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=i, initialization_timeout=120)
@@ -93,5 +109,7 @@ def run_host(i, port, ckpt, out):
 if __name__ == "__main__":
     if mode == "mesh":
         run_mesh(sys.argv[2], sys.argv[3])
+    elif mode == "structured":
+        run_structured(sys.argv[2], sys.argv[3])
     else:
         run_host(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
