@@ -116,14 +116,15 @@ class Runtime:
         cm = None if mesh is None else shd.compute_mesh(mesh)
         if attention_cls is PallasAttention:
             kw = dict(mesh=cm, rules=rules, impl=kernel_impl(device))
-            attention, moe, paged = attention_cls(**kw), moe_cls(**kw), PAGED_OPS[kernels](**kw)
+            attention, moe, dense = attention_cls(**kw), moe_cls(**kw), XlaDense()
         else:
-            attention, moe, paged = attention_cls(), moe_cls(mesh=cm, rules=rules), PAGED_OPS[kernels](mesh=cm, rules=rules)
-        dense = XlaDense()
-        if moe_cls is XlaMoE and device.platform == "cpu":  # XLA:CPU: the decode formulations of cpu_kernels
-            moe = XlaMoE(mesh=cm, rules=rules, cpu_decode=True, native=native.available())
-            dense = XlaDense(cpu_rows=CPU_DENSE_ROWS)
-        return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense, paged_attention=paged)
+            kw = dict(mesh=cm, rules=rules)
+            cpu = device.platform == "cpu"  # XLA:CPU: the decode formulations of cpu_kernels
+            attention = attention_cls()
+            moe = moe_cls(**kw, cpu_decode=cpu, native=cpu and native.available())
+            dense = XlaDense(cpu_rows=CPU_DENSE_ROWS if cpu else 0)
+        return cls(attention=attention, moe=moe, mesh=mesh, rules=rules, dense=dense,
+                   paged_attention=PAGED_OPS[kernels](**kw))
 
     @property
     def kernels(self) -> str:
